@@ -1,0 +1,211 @@
+"""The agent's main loop: committed etcd state -> rendered rules -> the node's netfilter.
+
+* Reads a consistent snapshot at the last commit marker, then follows the
+  watch, applying only at commit markers (never half a change).
+* Fail-static: nothing is ever flushed on start, stop or error. The first apply
+  after start replaces whatever is in the kernel atomically; until then the
+  previous rules stay in force.
+* A failed apply keeps the previous rules, is reported, and retried with
+  backoff. Drift (someone changed our chains or sets) is repaired every
+  ``resync_seconds``. An etcd outage keeps the last state enforced; when etcd
+  returns the agent resumes, or resyncs from a snapshot if its revision was
+  compacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from netfence import __version__
+from netfence.agent.node_state import NodeState
+from netfence.config import AgentConfig
+from netfence.dataplane.apply import ApplyError, Dataplane
+from netfence.dataplane.render import Features, render
+from netfence.store.errors import CompactedError
+from netfence.store.etcd import EtcdStore
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_SCHEMAS = (1,)
+
+
+@dataclass
+class AgentHealth:
+    etcd_connected: bool = False
+    applied_revision: int = 0
+    target_revision: int = 0
+    last_error: str | None = None
+    last_sync: str | None = None
+    rules: int = 0
+    sets: int = 0
+    applies: int = 0
+    drift_repairs: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "etcdConnected": self.etcd_connected,
+            "appliedRevision": self.applied_revision,
+            "targetRevision": self.target_revision,
+            "lastError": self.last_error,
+            "lastSync": self.last_sync,
+            "rules": self.rules,
+            "sets": self.sets,
+            "applies": self.applies,
+            "driftRepairs": self.drift_repairs,
+            "enforcingStale": not self.etcd_connected,
+        }
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, store: EtcdStore, dataplane: Dataplane, features: Features):
+        self.config = config
+        self.store = store
+        self.dataplane = dataplane
+        self.features = features
+        self.state = NodeState(config.node)
+        self.health = AgentHealth()
+        self._revision = 0
+        self._apply_lock = asyncio.Lock()
+        self._retry: asyncio.Task[None] | None = None
+        self._report_wake = asyncio.Event()
+        self._lease_id: int | None = None
+
+    # --- main loop -----------------------------------------------------------
+
+    async def run(self) -> None:
+        await asyncio.to_thread(self.dataplane.ensure_hooks)
+        tasks = [
+            asyncio.create_task(self._follow(), name="follow-commits"),
+            asyncio.create_task(self._drift_loop(), name="drift-repair"),
+            asyncio.create_task(self._report_loop(), name="node-report"),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            if self._retry:
+                self._retry.cancel()
+
+    async def _follow(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                snapshot = await self.store.committed_snapshot(include=self.state.wants)
+                self.health.etcd_connected = True
+                self.state.reset(snapshot.values)
+                self._revision = snapshot.commit_revision
+                await self.apply()
+                backoff = 0.2
+                async for batch in self.store.follow_commits(self._revision, include=self.state.wants):
+                    self.health.etcd_connected = True
+                    self.state.update(batch.changes)
+                    self._revision = batch.commit_revision
+                    await self.apply()
+                raise ConnectionError("watch ended")
+            except asyncio.CancelledError:
+                raise
+            except CompactedError:
+                log.warning("revision %d was compacted; taking a fresh snapshot", self._revision)
+            except Exception as exc:
+                self.health.etcd_connected = False
+                log.warning("etcd unavailable (%s); enforcing the last applied state", exc)
+                self._report_wake.set()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def apply(self, full: bool = False) -> bool:
+        """Render the current state and apply it; True on success."""
+        async with self._apply_lock:
+            revision = self._revision
+            self.health.target_revision = revision
+            ruleset = render(self.state.model(), features=self.features)
+            try:
+                if full:
+                    self.dataplane.forget_applied()
+                result = await asyncio.to_thread(self.dataplane.apply, ruleset)
+            except ApplyError as exc:
+                self.health.last_error = str(exc)[:1000]
+                log.error("apply of revision %d failed, previous rules stay: %s", revision, exc)
+                self._report_wake.set()
+                self._schedule_retry()
+                return False
+            self.health.applied_revision = revision
+            self.health.last_error = None
+            self.health.last_sync = datetime.now(UTC).isoformat(timespec="milliseconds")
+            self.health.rules = result.rules
+            self.health.sets = result.sets
+            self.health.applies += 1
+            self._report_wake.set()
+            return True
+
+    def _schedule_retry(self) -> None:
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.create_task(self._retry_loop(), name="apply-retry")
+
+    async def _retry_loop(self) -> None:
+        delay = 0.5
+        while self.health.last_error is not None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            if await self.apply(full=True):
+                return
+
+    async def _drift_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.resync_seconds)
+            if self.health.applies == 0:
+                continue
+            try:
+                drifted = await asyncio.to_thread(self.dataplane.check_drift)
+            except Exception as exc:
+                log.warning("drift check failed: %s", exc)
+                continue
+            if drifted:
+                log.warning("netfilter state drifted from what was applied; repairing")
+                self.health.drift_repairs += 1
+                await self.apply(full=True)
+
+    # --- reporting -----------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "schema": 1,
+            "node": self.config.node,
+            "appliedRevision": self.health.applied_revision,
+            "time": self.health.last_sync or datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "rules": self.health.rules,
+            "sets": self.health.sets,
+            "lastError": self.health.last_error,
+            "version": __version__,
+            "schemaSupported": list(SUPPORTED_SCHEMAS),
+        }
+
+    async def _report_loop(self) -> None:
+        """Keep the node report current, bound to a lease that expires if this agent dies."""
+        last: dict[str, Any] | None = None
+        while True:
+            try:
+                lease_id = await self.store.grant_lease(self.config.report_ttl)
+                last = None
+                async with self.store.keep_lease(lease_id, self.config.report_ttl) as keeper:
+                    while keeper.alive:
+                        current = self.report()
+                        if current != last and self.health.applies > 0:
+                            await self.store.put_report(self.config.node, current, lease_id)
+                            last = current
+                        self._report_wake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._report_wake.wait(), 1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("writing the node report failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)

@@ -1,0 +1,68 @@
+"""``netfence-agent``: program one node's netfilter from Netfence's etcd model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from netfence.config import AgentConfig, ConfigError, load_agent_config
+from netfence.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+
+async def run(config: AgentConfig) -> None:
+    from netfence.agent import health
+    from netfence.agent.loop import Agent
+    from netfence.dataplane.apply import Dataplane
+    from netfence.dataplane.runner import SubprocessRunner
+    from netfence.store.etcd import EtcdConfig, EtcdStore
+
+    store = EtcdStore(
+        EtcdConfig(
+            endpoints=list(config.etcd.endpoints),
+            prefix=config.etcd.prefix,
+            ca_file=config.etcd.ca_file,
+            cert_file=config.etcd.cert_file,
+            key_file=config.etcd.key_file,
+        )
+    )
+    await store.connect()
+    runner = SubprocessRunner(netns=config.netns)
+    dataplane = Dataplane(runner, ipv6=config.ipv6)
+    features = await asyncio.to_thread(dataplane.detect_features)
+    agent = Agent(config, store, dataplane, features)
+    http = await health.serve(agent.health.as_json, config.health_host, config.health_port)
+    main_task = asyncio.create_task(agent.run())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Fail-static: stopping never touches the rules; they stay in force.
+        loop.add_signal_handler(sig, main_task.cancel)
+    log.info("agent for node %s started (netns=%s)", config.node, config.netns or "host")
+    try:
+        await main_task
+    except asyncio.CancelledError:
+        log.info("agent stopping; rules stay in force")
+    finally:
+        await http.cleanup()
+        with contextlib.suppress(Exception):
+            await store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_agent_config(argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"netfence-agent: {exc}\n")
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    asyncio.run(run(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""``netfence status``: what every node agent has applied, and how far it lags."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from netfence.cli import CliError, Subcommands, add_command, out
+
+
+def register(sub: Subcommands) -> None:
+    cmd = add_command(sub, "status", status_command, "list node agents: applied revision, lag, last sync, errors")
+    cmd.add_argument("--etcd-endpoints", default=os.environ.get("NETFENCE_ETCD_ENDPOINTS"),
+                     help="host:port list (default: $NETFENCE_ETCD_ENDPOINTS, else the local `netfence cluster`)")
+    cmd.add_argument("--etcd-prefix", default=os.environ.get("NETFENCE_ETCD_PREFIX", "/netfence/v1/"))
+    cmd.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+
+def _endpoints(args: argparse.Namespace) -> list[str]:
+    if args.etcd_endpoints:
+        return [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()]
+    from netfence.cli_cluster import default_dir
+    from netfence.testbed.cluster import read_state
+
+    for directory in (default_dir(), default_dir().parent / "demo" / "cluster"):
+        state = read_state(directory)
+        if state is not None and state.running():
+            return [state.netfence_etcd.removeprefix("http://")]
+    raise CliError("no etcd to ask: pass --etcd-endpoints host:port or set NETFENCE_ETCD_ENDPOINTS")
+
+
+def status_rows(reports: Mapping[str, Mapping[str, Any]], commit_revision: int,
+                now: datetime | None = None) -> list[dict[str, Any]]:
+    """Pure: one row per agent report, sorted by node."""
+    now = now or datetime.now(UTC)
+    rows = []
+    for node in sorted(reports):
+        report = reports[node]
+        applied = int(report.get("appliedRevision") or 0)
+        when = str(report.get("time") or "")
+        age = ""
+        try:
+            age = f"{(now - datetime.fromisoformat(when)).total_seconds():.0f}s ago"
+        except ValueError:
+            pass
+        rows.append({
+            "node": node,
+            "appliedRevision": applied,
+            "lag": max(0, commit_revision - applied),
+            "lastSync": when,
+            "age": age,
+            "lastError": report.get("lastError") or "",
+            "version": report.get("version") or "",
+        })
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]], commit_revision: int) -> list[str]:
+    header = ["NODE", "APPLIED", "LAG", "LAST SYNC", "VERSION", "LAST ERROR"]
+    body = [[r["node"], str(r["appliedRevision"]), str(r["lag"]), r["age"] or r["lastSync"], r["version"],
+             r["lastError"][:80]] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=False)]
+    lines = [f"controller's last commit: revision {commit_revision}"]
+    for row in [header, *body]:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if not body:
+        lines.append("(no agent has reported)")
+    return lines
+
+
+async def _gather(endpoints: list[str], prefix: str) -> tuple[dict[str, dict[str, Any]], int]:
+    from netfence.store.etcd import EtcdConfig, EtcdStore
+
+    store = EtcdStore(EtcdConfig(endpoints=endpoints, prefix=prefix))
+    await store.connect()
+    try:
+        reports = await store.read_reports()
+        state = await store.committed_snapshot(include=lambda k: False)
+        return reports, int(state.commit_revision)
+    finally:
+        await store.close()
+
+
+def status_command(args: argparse.Namespace) -> int:
+    endpoints = _endpoints(args)
+    try:
+        reports, commit = asyncio.run(asyncio.wait_for(_gather(endpoints, args.etcd_prefix), 10))
+    except TimeoutError:
+        raise CliError(f"etcd at {','.join(endpoints)} did not answer within 10s; check that it runs") from None
+    rows = status_rows(reports, commit)
+    if args.output == "json":
+        out(json.dumps({"commitRevision": commit, "agents": rows}, indent=2))
+    else:
+        for line in format_rows(rows, commit):
+            out(line)
+    return 0

@@ -1,0 +1,335 @@
+"""The conformance runner: build each scenario for real, act, wait for enforcement, probe.
+
+Each scenario gets a fresh Netfence state on a shared control plane: a new
+etcd prefix, a new controller, new namespace nodes with one agent each, and
+its namespaces and pods; afterwards everything it created is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netfence.conformance.scenario import (
+    Expectation,
+    PodSpec,
+    Scenario,
+    ScenarioError,
+    Step,
+    substitute,
+)
+from netfence.conformance.tables import diff_table, format_table
+from netfence.testbed.cluster import LocalCluster
+from netfence.testbed.env import EnforcementTimeout, NetfenceEnv
+from netfence.testbed.probe import Probe, Prober
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExpectResult:
+    port: int
+    protocol: str
+    passed: bool
+    skipped: bool
+    expected: dict[tuple[str, str], bool | None]
+    observed: dict[tuple[str, str], bool | None]
+    wrong: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    index: int
+    passed: bool
+    enforce_seconds: float | None
+    expects: list[ExpectResult] = field(default_factory=list)
+    error: str | None = None
+    dump: str | None = None
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    path: str
+    status: str  # passed, failed, skipped, error
+    steps: list[StepResult] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "status": self.status,
+            "error": self.error,
+            "seconds": round(self.seconds, 3),
+            "steps": [
+                {
+                    "index": s.index,
+                    "passed": s.passed,
+                    "enforceSeconds": None if s.enforce_seconds is None else round(s.enforce_seconds, 4),
+                    "error": s.error,
+                    "dump": s.dump,
+                    "expect": [
+                        {
+                            "port": e.port,
+                            "protocol": e.protocol,
+                            "passed": e.passed,
+                            "skipped": e.skipped,
+                            "wrong": [f"{c} -> {s_}" for c, s_ in e.wrong],
+                        }
+                        for e in s.expects
+                    ],
+                }
+                for s in self.steps
+            ],
+        }
+
+
+class ScenarioRun:
+    """Runs one parsed scenario on a prepared environment."""
+
+    def __init__(self, scenario: Scenario, env: NetfenceEnv, prober: Prober, timeout: float,
+                 out: Callable[[str], None], dump_dir: Path):
+        self.scenario = scenario
+        self.env = env
+        self.prober = prober
+        self.timeout = timeout
+        self.out = out
+        self.dump_dir = dump_dir
+        self.pods: dict[str, PodSpec] = {}
+        self.round_robin = itertools.count()
+
+    def place(self, pod: PodSpec) -> int:
+        if pod.node is not None:
+            return pod.node
+        return next(self.round_robin) % self.scenario.nodes
+
+    async def setup(self) -> dict[str, int]:
+        marks: dict[str, int] = {}
+        namespaces = {ns.name: ns.labels for ns in self.scenario.namespaces}
+        for pod in self.scenario.pods:
+            namespaces.setdefault(pod.namespace, {})
+        for name, labels in namespaces.items():
+            self._mark(marks, await self.env.ensure_namespace(name, labels))
+        for pod in self.scenario.pods:
+            self._mark(marks, await self._create_pod(pod))
+        return marks
+
+    async def _create_pod(self, pod: PodSpec) -> tuple[str, int]:
+        node = self.place(pod)
+        result = await self.env.create_pod(pod.namespace, pod.name, pod.labels, list(pod.ports), node)
+        self.pods[pod.key] = pod
+        return result
+
+    @staticmethod
+    def _mark(marks: dict[str, int], kind_rv: tuple[str, int]) -> None:
+        kind, rv = kind_rv
+        marks[kind] = max(marks.get(kind, 0), rv)
+
+    def ips(self) -> dict[str, str]:
+        assert self.env.kubelet is not None
+        return {key: h.ip for key, h in self.env.kubelet.pods.items()}
+
+    async def act(self, step: Step) -> dict[str, int]:
+        marks: dict[str, int] = {}
+        for action in step.actions:
+            body = action.body
+            if action.kind == "apply":
+                manifest = substitute(body, self.ips())
+                self._mark(marks, await self.env.apply_manifest(manifest))
+            elif action.kind == "delete":
+                if body["kind"] != "NetworkPolicy":
+                    raise ScenarioError(f"{self.scenario.path}: delete of {body['kind']} is not supported")
+                self._mark(marks, await self.env.delete_policy(body.get("namespace", "default"), body["name"]))
+            elif action.kind == "label":
+                self._mark(
+                    marks,
+                    await self.env.label(body["kind"], body["name"], body.get("labels") or {}, body.get("namespace")),
+                )
+            elif action.kind == "create-pod":
+                pod: PodSpec = body["pod"]
+                assert self.env.kubelet is not None
+                self._mark(marks, await self.env.ensure_namespace(pod.namespace, {}))
+                self._mark(marks, await self._create_pod(pod))
+            elif action.kind == "delete-pod":
+                self._mark(marks, await self.env.delete_pod(body["namespace"], body["name"]))
+                self.pods.pop(f"{body['namespace']}/{body['name']}", None)
+        return marks
+
+    def probe(self, expect: Expectation) -> ExpectResult:
+        assert self.env.kubelet is not None
+        handles = self.env.kubelet.pods
+        present = set(handles)
+        listed = set(expect.clients) | set(expect.servers)
+        if listed != present or set(expect.clients) != set(expect.servers):
+            missing = sorted(present - listed)
+            extra = sorted(listed - present)
+            raise ScenarioError(
+                f"{self.scenario.path}: table for {expect.port}/{expect.protocol} must list every existing pod "
+                f"once as row and column (missing {missing}, unknown {extra})"
+            )
+        pairs = [(c, s) for c in expect.clients for s in expect.servers if c != s]
+        probes = {
+            pair: Probe(handles[pair[0]].netns, handles[pair[1]].ip, expect.port, expect.protocol) for pair in pairs
+        }
+        results = self.prober.probe_many(probes.values(), timeout=1.0)
+        observed = {pair: results[p] for pair, p in probes.items()}
+        skipped = any(v is None for v in observed.values())
+        wrong = [
+            pair
+            for pair in pairs
+            if expect.cells[pair] is not None and observed[pair] is not None and observed[pair] != expect.cells[pair]
+        ]
+        return ExpectResult(expect.port, expect.protocol, not wrong, skipped, dict(expect.cells), observed, wrong)
+
+    def dump(self, step_index: int) -> str:
+        path = self.dump_dir / f"{self.scenario.name}-step{step_index}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parts = []
+        for agent in self.env.agents.values():
+            for argv in (["iptables-save", "-c", "-t", "filter"], ["ipset", "save"]):
+                res = subprocess.run(
+                    ["ip", "netns", "exec", agent.netns, *argv], capture_output=True, text=True, check=False
+                )
+                text = "\n".join(
+                    line for line in res.stdout.splitlines()
+                    if "NETFENCE" in line or "nf-" in line or "nf4-" in line or "nf6-" in line or line.startswith("*")
+                )
+                parts.append(f"### node {agent.node} ({agent.netns}): {' '.join(argv)}\n{text}\n")
+        path.write_text("\n".join(parts))
+        return str(path)
+
+    async def run(self) -> ScenarioResult:
+        started = time.monotonic()
+        result = ScenarioResult(self.scenario.name, str(self.scenario.path), "passed")
+        marks = await self.setup()
+        for index, step in enumerate(self.scenario.steps):
+            step_marks = await self.act(step)
+            for kind, rv in marks.items():
+                step_marks[kind] = max(step_marks.get(kind, 0), rv)
+            marks = {}
+            step_result = StepResult(index, True, None)
+            result.steps.append(step_result)
+            try:
+                step_result.enforce_seconds = await self.env.wait_enforced(step_marks, self.timeout)
+            except EnforcementTimeout as exc:
+                step_result.passed = False
+                step_result.error = f"not enforced within {self.timeout:.0f}s: {exc}"
+                step_result.dump = self.dump(index)
+                self.out(f"  step {index}: FAIL ({step_result.error}); dump: {step_result.dump}")
+                result.status = "failed"
+                break
+            for expect in step.expect:
+                er = await asyncio.to_thread(self.probe, expect)
+                step_result.expects.append(er)
+                if not er.passed:
+                    step_result.passed = False
+            if step_result.passed:
+                skipped = [f"{e.port}/{e.protocol}" for e in step_result.expects if e.skipped]
+                note = f"; skipped {', '.join(skipped)} (no SCTP in this kernel)" if skipped else ""
+                self.out(f"  step {index}: pass (enforced in {step_result.enforce_seconds:.2f}s){note}")
+            else:
+                step_result.dump = self.dump(index)
+                result.status = "failed"
+                self.out(f"  step {index}: FAIL (enforced in {step_result.enforce_seconds:.2f}s)")
+                for er in step_result.expects:
+                    if er.passed:
+                        continue
+                    self.out(f"    {er.port}/{er.protocol}: {len(er.wrong)} wrong cells")
+                    order = list(dict.fromkeys(c for c, _ in er.expected))
+                    self.out("    expected:\n" + format_table(order, er.expected, indent=6))
+                    self.out("    observed:\n" + format_table(order, er.observed, indent=6))
+                    self.out("    differences:\n" + diff_table(order, er.expected, er.observed, indent=6))
+                    for c, s in er.wrong:
+                        want = "allowed" if er.expected[(c, s)] else "denied"
+                        self.out(f"      {c} -> {s}: expected {want}, observed the opposite")
+                self.out(f"    netfilter dump of the nodes: {step_result.dump}")
+        if result.status == "passed" and all(
+            e.skipped and all(v is None for v in e.observed.values()) for s in result.steps for e in s.expects
+        ) and any(s.expects for s in result.steps):
+            result.status = "skipped"
+        result.seconds = time.monotonic() - started
+        return result
+
+
+async def run_scenarios(
+    scenarios: list[Scenario | ScenarioError],
+    cluster: LocalCluster,
+    workdir: Path,
+    *,
+    default_nodes: int | None = None,
+    timeout: float = 60.0,
+    out: Callable[[str], None],
+) -> list[ScenarioResult]:
+    prober = Prober()
+    results: list[ScenarioResult] = []
+    for number, item in enumerate(scenarios):
+        if isinstance(item, ScenarioError):
+            out(f"ERROR {item}")
+            results.append(ScenarioResult(str(item).split(":")[0], str(item).split(":")[0], "error", error=str(item)))
+            continue
+        scenario = item
+        explicit = scenario.extra.get("nodes_explicit", True)
+        nodes = scenario.nodes if explicit or default_nodes is None else default_nodes
+        out(f"scenario {scenario.name} ({scenario.path}, {nodes} nodes)")
+        env = NetfenceEnv(cluster, workdir / f"s{number}-{scenario.name}", nodes=nodes)
+        run: ScenarioRun | None = None
+        try:
+            await env.start()
+            scenario_for_run = scenario if nodes == scenario.nodes else _with_nodes(scenario, nodes)
+            run = ScenarioRun(scenario_for_run, env, prober, timeout, out, workdir / "dumps")
+            result = await run.run()
+        except ScenarioError as exc:
+            result = ScenarioResult(scenario.name, str(scenario.path), "error", error=str(exc))
+            out(f"  ERROR {exc}")
+        except Exception as exc:
+            log.exception("scenario %s crashed", scenario.name)
+            result = ScenarioResult(scenario.name, str(scenario.path), "error", error=f"{type(exc).__name__}: {exc}")
+            out(f"  ERROR {type(exc).__name__}: {exc}")
+        finally:
+            with contextlib.suppress(Exception):
+                await env.delete_user_state()
+            await env.close()
+        out(f"{result.status.upper()} {scenario.name} ({result.seconds:.1f}s)")
+        results.append(result)
+    return results
+
+
+def _with_nodes(scenario: Scenario, nodes: int) -> Scenario:
+    import dataclasses
+
+    return dataclasses.replace(scenario, nodes=nodes)
+
+
+def summary_line(results: list[ScenarioResult]) -> str:
+    passed = sum(r.status == "passed" for r in results)
+    failed = sum(r.status in ("failed", "error") for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    line = f"{passed} passed, {failed} failed"
+    return line + (f", {skipped} skipped" if skipped else "")
+
+
+def write_json(results: list[ScenarioResult], path: Path) -> None:
+    enforce = sorted(
+        s.enforce_seconds for r in results for s in r.steps if s.enforce_seconds is not None
+    )
+    report = {
+        "summary": summary_line(results),
+        "scenarios": [r.to_json() for r in results],
+        "steps": sum(len(r.steps) for r in results),
+        "enforceSeconds": {
+            "p50": enforce[len(enforce) // 2] if enforce else None,
+            "max": enforce[-1] if enforce else None,
+        },
+    }
+    path.write_text(json.dumps(report, indent=2))

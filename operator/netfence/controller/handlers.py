@@ -1,0 +1,130 @@
+"""Kopf wiring: thin handlers that feed events into the runtime.
+
+The controller never writes to the objects it watches: it uses only event
+handlers (no progress or diff-base storage, no finalizers), and Kopf's
+persistence is switched to memory so nothing is ever stored on users' objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from netfence.config import ControllerConfig
+from netfence.controller.kube import CPS_GROUP, CPS_PLURAL, CPS_VERSION
+from netfence.controller.runtime import ControllerRuntime
+
+log = logging.getLogger(__name__)
+
+
+class _NoStorage(kopf.ProgressStorage):  # type: ignore[misc]
+    """Progress storage that stores nothing (event handlers need none)."""
+
+    def fetch(self, **_: Any) -> None:
+        return None
+
+    def store(self, **_: Any) -> None:
+        return None
+
+    def purge(self, **_: Any) -> None:
+        return None
+
+    def touch(self, **_: Any) -> None:
+        return None
+
+    def clear(self, *, essence: Any) -> Any:
+        return essence
+
+
+class _NoDiffBase(kopf.DiffBaseStorage):  # type: ignore[misc]
+    def fetch(self, **_: Any) -> None:
+        return None
+
+    def store(self, **_: Any) -> None:
+        return None
+
+
+def _runtime(memo: Any) -> ControllerRuntime:
+    runtime: ControllerRuntime = memo.runtime
+    return runtime
+
+
+def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
+    """All handlers of the controller, registered on a fresh registry (no import-time effects)."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        settings.persistence.progress_storage = _NoStorage()
+        settings.persistence.diffbase_storage = _NoDiffBase()
+        settings.persistence.finalizer = "netfence.dev/unused"  # never added: no deletion handlers
+        settings.posting.level = logging.WARNING
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.networking.error_backoffs = [1, 2, 5, 10]
+        memo.runtime = await ControllerRuntime.start(config)
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        runtime = getattr(memo, "runtime", None)
+        if runtime is not None:
+            await runtime.stop()
+
+    @kopf.on.probe(id="etcd", registry=registry)
+    def probe_etcd(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+        runtime = _runtime(memo)
+        syncer = runtime.syncer
+        if runtime.election.is_leader and not syncer.healthy and syncer.last_error:
+            raise kopf.PermanentError(f"etcd writes failing: {syncer.last_error}")
+        return {
+            "leader": runtime.election.is_leader,
+            "commitRevision": syncer.commit_revision,
+            "lastError": syncer.last_error,
+        }
+
+    def _feed(memo: Any, kind: str, event_type: str | None, body: Any) -> None:
+        runtime = _runtime(memo)
+        if runtime.world.apply(kind, event_type, dict(body)):
+            runtime.syncer.notify()
+
+    @kopf.on.event("", "v1", "pods", registry=registry)
+    def pod_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+        _feed(memo, "pods", type, body)
+
+    @kopf.on.event("", "v1", "namespaces", registry=registry)
+    def namespace_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+        _feed(memo, "namespaces", type, body)
+
+    @kopf.on.event("", "v1", "nodes", registry=registry)
+    def node_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+        _feed(memo, "nodes", type, body)
+
+    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", registry=registry)
+    async def policy_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+        runtime = _runtime(memo)
+        _feed(memo, "networkpolicies", type, body)
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        if type == "DELETED":
+            runtime.warnings_posted.pop((ns, name), None)
+            await runtime.status.delete(ns, name)
+            return
+        runtime.status.mark({(ns, name)})
+        if not runtime.election.is_leader:
+            return
+        view = runtime.engine.policy_view(ns, name)
+        warnings = tuple(view.warnings) if view else ()
+        error = runtime.world.policy_errors.get((ns, name))
+        if error:
+            warnings = (f"invalid policy: {error}", *warnings)
+        if warnings and runtime.warnings_posted.get((ns, name)) != warnings:
+            kopf.warn(dict(body), reason="NetfencePolicyWarning", message="; ".join(warnings)[:1000])
+        runtime.warnings_posted[(ns, name)] = warnings
+
+    @kopf.on.event(CPS_GROUP, CPS_VERSION, CPS_PLURAL, registry=registry)
+    def status_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+        if type == "DELETED":
+            _runtime(memo).status.status_deleted(body["metadata"]["name"])
+
+    return registry

@@ -1,0 +1,79 @@
+"""Plain values returned by the store (re-exported by ``netfence.store.etcd``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Include = Callable[[str], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Proof of leadership: the leader key (absolute) and its create revision."""
+
+    leader_key: str
+    create_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every key under the prefix at one ``revision`` (relative keys, raw values).
+
+    ``commit_revision`` is the mod revision of ``commit`` (0: none) and
+    ``pending`` tells whether a multi-transaction change was in flight.
+    """
+
+    values: dict[str, bytes]
+    revision: int
+    mod_revisions: dict[str, int]
+    commit_revision: int = 0
+    pending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedState:
+    """Committed keys as of ``commit_revision`` (0: nothing ever committed).
+
+    ``revision`` is the store revision the state was read at (>= commit_revision).
+    ``follow_commits`` may be started from either.
+    """
+
+    values: dict[str, bytes]
+    commit_revision: int
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommitBatch:
+    """Committed keys changed since the previous batch (None: deleted), as of ``commit_revision``."""
+
+    changes: dict[str, bytes | None]
+    commit_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersion:
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease: int
+    revision: int  # the store revision of the read
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    """Result of ``EtcdStore.create_if_absent``: ``current`` is the key as it is now."""
+
+    created: bool
+    current: KeyVersion
+
+
+class Reports(dict[str, dict[str, Any]]):
+    """Node reports by node name, read at ``revision``; ``mod_revisions`` per node."""
+
+    def __init__(self, reports: dict[str, dict[str, Any]], revision: int, mod_revisions: dict[str, int]):
+        super().__init__(reports)
+        self.revision = revision
+        self.mod_revisions = mod_revisions

@@ -1,0 +1,338 @@
+"""A whole Netfence test bed on one machine: the pieces wired together.
+
+``NetfenceEnv`` takes a running :class:`LocalCluster` and adds a network
+fabric with N namespace nodes (the harness plays kubelet), one real
+``netfence-agent`` process per node (programming that node's namespace), and
+one or more real ``netfence-controller`` processes. Tests, the demo and the
+conformance runner all use it.
+
+Enforcement barrier (:meth:`NetfenceEnv.wait_enforced`): the system's own
+signals, never a sleep. A caller passes the resource versions its API writes
+returned, per kind; the controller publishes in etcd (``meta/observed``, part
+of a commit) the highest resource version it has processed per kind, so the
+first commit whose observed versions reach the caller's marks contains the
+effect of those writes. Enforced means: every node's agent reports an applied
+revision at least that commit's, and every ClusterPolicyStatus of an existing
+NetworkPolicy says ``Enforced`` for the policy's current generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from netfence.testbed.cluster import LocalCluster
+from netfence.testbed.fabric import Fabric
+from netfence.testbed.kubelet import Kubelet
+from netfence.testbed.process import ManagedProcess, free_port
+
+log = logging.getLogger(__name__)
+
+SYSTEM_NAMESPACES = {"default", "kube-system", "kube-public", "kube-node-lease"}
+
+
+class EnforcementTimeout(TimeoutError):
+    """The system did not report enforcement in time; the message says what lagged."""
+
+
+@dataclass
+class AgentProc:
+    node_index: int
+    node: str
+    netns: str
+    health_port: int
+    process: ManagedProcess
+
+
+@dataclass
+class NetfenceEnv:
+    cluster: LocalCluster
+    workdir: Path
+    nodes: int = 2
+    prefix: str = field(default_factory=lambda: f"/netfence/t{uuid.uuid4().hex[:8]}/")
+    resync_seconds: float = 5.0
+    report_ttl: int = 4
+    lease_ttl: int = 3
+    agent_extra_args: tuple[str, ...] = ()
+    controller_extra_args: tuple[str, ...] = ()
+    fabric: Fabric | None = None
+    kubelet: Kubelet | None = None
+    api: client.ApiClient | None = None
+    agents: dict[int, AgentProc] = field(default_factory=dict)
+    controllers: dict[str, ManagedProcess] = field(default_factory=dict)
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def start(self, controllers: int = 1) -> NetfenceEnv:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.api = await config.new_client_from_config(config_file=str(self.cluster.kubeconfig))
+        self.fabric = Fabric(workdir=self.workdir / "fabric")
+        self.kubelet = Kubelet(self.api, self.fabric)
+        try:
+            for index in range(self.nodes):
+                await self.kubelet.add_node(index)
+                self.start_agent(index)
+            for n in range(controllers):
+                self.start_controller(f"controller-{n}")
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aenter__(self) -> NetfenceEnv:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for proc in self.controllers.values():
+            proc.stop()
+        for agent in self.agents.values():
+            agent.process.stop()
+        if self.kubelet is not None:
+            with contextlib.suppress(Exception):
+                await self.kubelet.close()
+        if self.fabric is not None:
+            self.fabric.close()
+        if self.api is not None:
+            with contextlib.suppress(Exception):
+                await self.api.close()
+
+    def _python(self) -> list[str]:
+        return [sys.executable, "-m"]
+
+    def etcd_args(self) -> list[str]:
+        return [f"--etcd-endpoints={self.cluster.netfence_etcd.endpoint}", f"--etcd-prefix={self.prefix}"]
+
+    def start_controller(self, identity: str, extra: tuple[str, ...] = ()) -> ManagedProcess:
+        argv = [
+            *self._python(), "netfence.controller.main",
+            f"--kubeconfig={self.cluster.kubeconfig}",
+            f"--identity={identity}",
+            f"--lease-ttl={self.lease_ttl}",
+            f"--health-port={free_port()}",
+            "--status-interval-ms=100",
+            *self.etcd_args(), *self.controller_extra_args, *extra,
+        ]
+        proc = ManagedProcess(identity, argv, self.workdir / f"{identity}.log", env=self._env())
+        proc.start()
+        self.controllers[identity] = proc
+        return proc
+
+    def start_agent(self, index: int, extra: tuple[str, ...] = ()) -> AgentProc:
+        assert self.fabric is not None and self.kubelet is not None
+        node = self.kubelet.nodes[index]
+        netns = self.fabric.node(index).netns
+        port = free_port()
+        argv = [
+            *self._python(), "netfence.agent.main",
+            f"--node={node}",
+            f"--netns={netns}",
+            "--no-ipv6",
+            f"--resync-seconds={self.resync_seconds}",
+            f"--report-ttl={self.report_ttl}",
+            f"--health-port={port}",
+            *self.etcd_args(), *self.agent_extra_args, *extra,
+        ]
+        proc = ManagedProcess(f"agent-{node}", argv, self.workdir / f"agent-{node}.log", env=self._env())
+        proc.start()
+        agent = AgentProc(index, node, netns, port, proc)
+        self.agents[index] = agent
+        return agent
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    # --- the enforcement barrier -----------------------------------------------------
+
+    async def _etcd_reader(self) -> Any:
+        from netfence.store.etcd import EtcdConfig, EtcdStore
+
+        store = EtcdStore(EtcdConfig(endpoints=[self.cluster.netfence_etcd.endpoint], prefix=self.prefix))
+        await store.connect()
+        return store
+
+    async def wait_enforced(self, marks: Mapping[str, int] | None = None, timeout: float = 60.0) -> float:
+        """Wait until everything written up to ``marks`` is enforced on every node; seconds waited."""
+        started = time.monotonic()
+        deadline = started + timeout
+        store = await self._etcd_reader()
+        try:
+            commit = await self._wait_observed(store, dict(marks or {}), deadline)
+            await self._wait_nodes(store, commit, deadline)
+            await self._wait_statuses(deadline)
+        finally:
+            await store.close()
+        return time.monotonic() - started
+
+    async def _wait_observed(self, store: Any, marks: dict[str, int], deadline: float) -> int:
+        last: dict[str, Any] = {}
+        while True:
+            state = await store.committed_snapshot(include=lambda k: k == "meta/observed")
+            raw = state.values.get("meta/observed")
+            if raw is not None and state.commit_revision > 0:
+                last = json.loads(raw).get("resourceVersions", {})
+                if all(last.get(kind, 0) >= rv for kind, rv in marks.items()):
+                    return int(state.commit_revision)
+            if time.monotonic() > deadline:
+                raise EnforcementTimeout(
+                    f"the controller has not caught up with the API server: observed {last}, need {marks}"
+                )
+            await asyncio.sleep(0.05)
+
+    async def _wait_nodes(self, store: Any, commit: int, deadline: float) -> None:
+        nodes = {a.node for a in self.agents.values()}
+        while True:
+            reports = await store.read_reports()
+            lagging = {
+                n: (reports.get(n) or {}).get("appliedRevision", 0)
+                for n in nodes
+                if (reports.get(n) or {}).get("appliedRevision", 0) < commit
+            }
+            if not lagging:
+                return
+            if time.monotonic() > deadline:
+                errors = {n: (reports.get(n) or {}).get("lastError") for n in lagging}
+                raise EnforcementTimeout(
+                    f"nodes have not applied revision {commit}: {lagging} (errors: {errors})"
+                )
+            await asyncio.sleep(0.05)
+
+    async def _wait_statuses(self, deadline: float) -> None:
+        assert self.api is not None
+        net = client.NetworkingV1Api(self.api)
+        custom = client.CustomObjectsApi(self.api)
+        while True:
+            policies = (await net.list_network_policy_for_all_namespaces()).items
+            statuses = {
+                s["metadata"]["name"]: s
+                for s in (await custom.list_cluster_custom_object("netfence.dev", "v1alpha1", "clusterpolicystatuses"))[
+                    "items"
+                ]
+            }
+            pending = []
+            for policy in policies:
+                name = f"{policy.metadata.namespace}.{policy.metadata.name}"
+                status = statuses.get(name, {}).get("status") or {}
+                if status.get("phase") != "Enforced" or status.get("observedGeneration") != policy.metadata.generation:
+                    pending.append(f"{name}={status.get('phase', 'missing')}")
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise EnforcementTimeout(f"ClusterPolicyStatus not Enforced: {', '.join(pending)}")
+            await asyncio.sleep(0.05)
+
+    # --- API helpers that return the resource version of the write ------------------
+
+    async def apply_manifest(self, manifest: dict[str, Any]) -> tuple[str, int]:
+        """Create or replace a NetworkPolicy; returns (kind marker, resourceVersion)."""
+        assert self.api is not None
+        if manifest.get("kind") != "NetworkPolicy":
+            raise ValueError(f"only NetworkPolicy manifests can be applied, got {manifest.get('kind')!r}")
+        net = client.NetworkingV1Api(self.api)
+        ns = manifest["metadata"].get("namespace", "default")
+        name = manifest["metadata"]["name"]
+        try:
+            current = await net.read_namespaced_network_policy(name, ns)
+            body = dict(manifest)
+            body["metadata"] = {**manifest["metadata"], "resourceVersion": current.metadata.resource_version}
+            result = await net.replace_namespaced_network_policy(name, ns, body)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            result = await net.create_namespaced_network_policy(ns, manifest)
+        return "networkpolicies", int(result.metadata.resource_version)
+
+    async def delete_policy(self, namespace: str, name: str) -> tuple[str, int]:
+        assert self.api is not None
+        net = client.NetworkingV1Api(self.api)
+        resp = await net.delete_namespaced_network_policy(name, namespace, _preload_content=False)
+        data = json.loads(await resp.read())
+        return "networkpolicies", int(data.get("metadata", {}).get("resourceVersion") or 0)
+
+    async def label(
+        self, kind: str, name: str, labels: Mapping[str, str | None], namespace: str | None = None
+    ) -> tuple[str, int]:
+        assert self.api is not None
+        core = client.CoreV1Api(self.api)
+        patch = {"metadata": {"labels": dict(labels)}}
+        if kind == "Pod":
+            assert namespace is not None
+            result = await core.patch_namespaced_pod(name, namespace, patch)
+            return "pods", int(result.metadata.resource_version)
+        result = await core.patch_namespace(name, patch)
+        return "namespaces", int(result.metadata.resource_version)
+
+    async def ensure_namespace(self, name: str, labels: Mapping[str, str]) -> tuple[str, int]:
+        assert self.api is not None and self.kubelet is not None
+        await self.kubelet.ensure_namespace(name, labels)
+        ns = await client.CoreV1Api(self.api).read_namespace(name)
+        return "namespaces", int(ns.metadata.resource_version)
+
+    async def create_pod(
+        self, namespace: str, name: str, labels: Mapping[str, str], ports: list[tuple[int, str]], node: int
+    ) -> tuple[str, int]:
+        assert self.api is not None and self.kubelet is not None
+        await self.kubelet.create_pod(namespace, name, labels, ports, node)
+        pod = await client.CoreV1Api(self.api).read_namespaced_pod(name, namespace)
+        return "pods", int(pod.metadata.resource_version)
+
+    async def delete_pod(self, namespace: str, name: str) -> tuple[str, int]:
+        assert self.api is not None and self.kubelet is not None
+        core = client.CoreV1Api(self.api)
+        resp = await core.delete_namespaced_pod(name, namespace, grace_period_seconds=0, _preload_content=False)
+        data = json.loads(await resp.read())
+        await self.kubelet.delete_pod(namespace, name)
+        return "pods", int(data.get("metadata", {}).get("resourceVersion") or 0)
+
+    # --- reset between scenarios ---------------------------------------------------
+
+    async def delete_user_state(self) -> None:
+        """Delete all NetworkPolicies, pods and non-system namespaces (finalizing them ourselves:
+        no namespace controller runs in the test bed)."""
+        assert self.api is not None and self.kubelet is not None
+        core = client.CoreV1Api(self.api)
+        net = client.NetworkingV1Api(self.api)
+        for policy in (await net.list_network_policy_for_all_namespaces()).items:
+            with contextlib.suppress(ApiException):
+                await net.delete_namespaced_network_policy(policy.metadata.name, policy.metadata.namespace)
+        for handle in list(self.kubelet.pods.values()):
+            await self.kubelet.delete_pod(handle.namespace, handle.name)
+        for ns in (await core.list_namespace()).items:
+            if ns.metadata.name in SYSTEM_NAMESPACES:
+                continue
+            await finalize_namespace(core, ns.metadata.name)
+
+
+async def finalize_namespace(core: client.CoreV1Api, name: str) -> None:
+    """Delete a namespace and finalize it (the job of the namespace controller, absent here)."""
+    with contextlib.suppress(ApiException):
+        await core.delete_namespace(name)
+    with contextlib.suppress(ApiException):
+        await core.replace_namespace_finalize(
+            name, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}, "spec": {"finalizers": []}}
+        )
+    for _ in range(100):
+        try:
+            await core.read_namespace(name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        await asyncio.sleep(0.05)

@@ -1,0 +1,146 @@
+"""Connectivity probes between pod namespaces, without a process per probe.
+
+A socket belongs to the network namespace it was created in, whichever thread
+uses it later. So the :class:`Prober` creates each probe's socket inside the
+source pod's namespace on the switcher thread (:mod:`netfence.testbed.netns`)
+and does the (blocking, timed) exchange on the caller's thread. Probes are
+therefore safe to run concurrently; :meth:`Prober.probe_many` does so with
+bounded concurrency.
+
+Probe semantics follow the conformance format: TCP/SCTP connect, send a line
+and read the reply line; UDP send a datagram and await a reply; all within the
+timeout (1 s by default). SCTP probes return ``None`` when the kernel has no
+SCTP, meaning "skipped", never "passed".
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+from netfence.testbed.netns import NetnsSwitcher, default_switcher
+
+DEFAULT_TIMEOUT = 1.0
+DEFAULT_CONCURRENCY = 64
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+_REQUEST = b"netfence-probe\n"
+_NO_SCTP = {errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT, errno.EAFNOSUPPORT, errno.EPROTOTYPE}
+
+
+class Probe(NamedTuple):
+    """One probe: from the namespace ``src_netns`` to ``dst_ip:port/protocol``."""
+
+    src_netns: str
+    dst_ip: str
+    port: int
+    protocol: str = "TCP"
+
+
+class SctpUnsupported(OSError):
+    """The kernel of this machine has no SCTP."""
+
+
+class Prober:
+    """Runs probes from inside named network namespaces. Thread-safe."""
+
+    def __init__(self, switcher: NetnsSwitcher | None = None, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+        self._switcher = switcher or default_switcher()
+        self.concurrency = concurrency
+
+    # -- sockets -----------------------------------------------------------
+
+    def open_socket(self, netns: str, kind: int, proto: int = 0) -> socket.socket:
+        """A new AF_INET socket living in ``netns``."""
+        return self._switcher.call(netns, socket.socket, socket.AF_INET, kind, proto)
+
+    def _sctp_socket(self, netns: str) -> socket.socket:
+        try:
+            return self.open_socket(netns, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+        except OSError as exc:
+            if exc.errno in _NO_SCTP:
+                raise SctpUnsupported(exc.errno, f"no SCTP in this kernel: {exc.strerror}") from exc
+            raise
+
+    # -- exchanges (reply text, None on failure) ---------------------------
+
+    def exchange(self, probe: Probe, timeout: float = DEFAULT_TIMEOUT) -> str | None:
+        """Do the probe and return the server's reply (the pod name), or None if it failed.
+
+        Raises :class:`SctpUnsupported` for SCTP probes on a kernel without SCTP.
+        """
+        proto = probe.protocol.upper()
+        if proto == "UDP":
+            sock = self.open_socket(probe.src_netns, socket.SOCK_DGRAM)
+        elif proto == "TCP":
+            sock = self.open_socket(probe.src_netns, socket.SOCK_STREAM)
+        elif proto == "SCTP":
+            sock = self._sctp_socket(probe.src_netns)
+        else:
+            raise ValueError(f"unknown protocol {probe.protocol!r} (want one of {PROTOCOLS})")
+        with sock:
+            try:
+                if proto == "UDP":
+                    return _udp_exchange(sock, probe.dst_ip, probe.port, timeout)
+                return _stream_exchange(sock, probe.dst_ip, probe.port, timeout)
+            except OSError:  # refused, unreachable, timed out, reset
+                return None
+
+    # -- boolean probes ----------------------------------------------------
+
+    def probe_tcp(self, src_netns: str, dst_ip: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> bool:
+        return self.exchange(Probe(src_netns, dst_ip, port, "TCP"), timeout) is not None
+
+    def probe_udp(self, src_netns: str, dst_ip: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> bool:
+        return self.exchange(Probe(src_netns, dst_ip, port, "UDP"), timeout) is not None
+
+    def probe_sctp(self, src_netns: str, dst_ip: str, port: int,
+                   timeout: float = DEFAULT_TIMEOUT) -> bool | None:
+        """True/False like TCP; None when the kernel has no SCTP (report it as skipped)."""
+        return self.probe(Probe(src_netns, dst_ip, port, "SCTP"), timeout)
+
+    def probe(self, probe: Probe, timeout: float = DEFAULT_TIMEOUT) -> bool | None:
+        try:
+            return self.exchange(probe, timeout) is not None
+        except SctpUnsupported:
+            return None
+
+    def probe_many(self, probes: Iterable[Probe], timeout: float = DEFAULT_TIMEOUT,
+                   concurrency: int | None = None) -> dict[Probe, bool | None]:
+        """Run probes in parallel (at most ``concurrency`` at once); result per probe (None = skipped)."""
+        todo = list(dict.fromkeys(probes))
+        if not todo:
+            return {}
+        workers = max(1, min(concurrency or self.concurrency, len(todo)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="probe") as pool:
+            results = pool.map(lambda p: self.probe(p, timeout), todo)
+            return dict(zip(todo, results, strict=True))
+
+
+def _stream_exchange(sock: socket.socket, ip: str, port: int, timeout: float) -> str | None:
+    deadline = time.monotonic() + timeout
+    sock.settimeout(timeout)
+    sock.connect((ip, port))
+    sock.sendall(_REQUEST)
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        sock.settimeout(left)
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip() or None
+
+
+def _udp_exchange(sock: socket.socket, ip: str, port: int, timeout: float) -> str | None:
+    sock.settimeout(timeout)
+    sock.connect((ip, port))  # connected: ICMP errors surface as OSError
+    sock.send(_REQUEST)
+    data = sock.recv(4096)
+    return data.decode(errors="replace").strip() or None

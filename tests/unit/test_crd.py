@@ -1,0 +1,95 @@
+"""The ClusterPolicyStatus CRD: its shape, its printer columns, and the packaged copy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from netfence.testbed.cluster import crd_names, packaged_crd_dir
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "clusterpolicystatus.yaml"
+
+
+def load() -> dict[str, Any]:
+    doc = yaml.safe_load(CRD.read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def schema_at(schema: dict[str, Any], json_path: str) -> dict[str, Any]:
+    node = schema
+    for part in json_path.strip(".").split("."):
+        node = node["properties"][part]
+    return node
+
+
+def test_packaged_copy_is_identical() -> None:
+    packaged = sorted(p.name for p in packaged_crd_dir().glob("*.yaml"))
+    shipped = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+    assert packaged == shipped
+    for name in shipped:
+        assert (packaged_crd_dir() / name).read_bytes() == (REPO / "crds" / name).read_bytes(), (
+            f"operator/netfence/crds/{name} differs from crds/{name}: copy crds/{name} over it"
+        )
+
+
+def test_names_scope_and_version() -> None:
+    crd = load()
+    assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
+    assert crd["metadata"]["name"] == "clusterpolicystatuses.netfence.dev"
+    spec = crd["spec"]
+    assert spec["group"] == "netfence.dev"
+    assert spec["scope"] == "Cluster"
+    assert spec["names"] == {
+        "kind": "ClusterPolicyStatus",
+        "listKind": "ClusterPolicyStatusList",
+        "plural": "clusterpolicystatuses",
+        "singular": "clusterpolicystatus",
+        "shortNames": ["policystatus", "cps"],
+        "categories": ["netfence"],
+    }
+    [version] = spec["versions"]
+    assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
+    assert version["subresources"] == {"status": {}}
+    assert crd_names(REPO / "crds") == [("clusterpolicystatuses.netfence.dev", "policystatus")]
+
+
+def test_printer_columns_point_at_schema_fields() -> None:
+    version = load()["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert [c["name"] for c in version["additionalPrinterColumns"] if "priority" not in c] == [
+        "Policy", "Phase", "Synced", "Endpoints", "Age",
+    ]
+    assert columns["Age"] == {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+    for name, column in columns.items():
+        if name == "Age":
+            continue
+        field = schema_at(schema, column["jsonPath"])
+        assert field["type"] == column["type"], name
+
+
+def test_status_schema() -> None:
+    schema = load()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec = schema["properties"]["spec"]
+    assert set(spec["properties"]) == {"policy", "policyRef", "generation"}
+    assert set(spec["properties"]["policy"]["properties"]) == {"namespace", "name", "uid"}
+    status = schema["properties"]["status"]["properties"]
+    assert status["phase"]["enum"] == ["Pending", "Enforced", "Degraded"]
+    for name in ("requiredNodes", "syncedNodes", "endpoints", "revision", "observedGeneration"):
+        assert status[name]["type"] == "integer", name
+    assert status["synced"]["type"] == "string"
+    node = status["nodes"]["items"]
+    assert set(node["properties"]) == {"name", "synced", "appliedRevision", "message"}
+    assert node["properties"]["synced"]["type"] == "boolean"
+    assert status["nodes"]["x-kubernetes-list-map-keys"] == ["name"]
+    cond = status["conditions"]["items"]
+    assert set(cond["properties"]) == {
+        "type", "status", "reason", "message", "lastTransitionTime", "observedGeneration",
+    }
+    assert cond["properties"]["status"]["enum"] == ["True", "False", "Unknown"]
+    assert cond["properties"]["lastTransitionTime"]["format"] == "date-time"
+    assert status["warnings"]["items"]["type"] == "string"
