@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -44,10 +45,8 @@ def status_rows(reports: Mapping[str, Mapping[str, Any]], commit_revision: int,
         applied = int(report.get("appliedRevision") or 0)
         when = str(report.get("time") or "")
         age = ""
-        try:
+        with contextlib.suppress(ValueError):
             age = f"{(now - datetime.fromisoformat(when)).total_seconds():.0f}s ago"
-        except ValueError:
-            pass
         rows.append({
             "node": node,
             "appliedRevision": applied,

@@ -39,5 +39,5 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("grpc", "aiohttp.access", "kubernetes_asyncio"):
+    for noisy in ("grpc", "aiohttp.access", "kubernetes_asyncio", "kopf.objects"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from etcd3aio import Etcd3Client
 from kubernetes_asyncio import client
 from tests.integration.helpers import etcd_values, eventually, make_namespace, make_pod, open_store, policy
 
@@ -86,8 +87,8 @@ async def test_compiles_into_etcd_and_never_writes_watched_objects(env: Netfence
             "ns": (await core.read_namespace("ctl")).metadata,
             "policy": (await net.read_namespaced_network_policy("web-from-db", "ctl")).metadata,
         }
-        for what in before:
-            assert after[what].resource_version == before[what].resource_version, what
+        for what, meta in before.items():
+            assert after[what].resource_version == meta.resource_version, what
             assert not after[what].finalizers
             assert not any("kopf" in k for k in (after[what].annotations or {}))
             managers = {m.manager for m in after[what].managed_fields or []}
@@ -142,7 +143,7 @@ async def test_restart_writes_nothing_and_removes_state_deleted_while_down(env: 
     store = await _store(env)
     try:
         await eventually(lambda: _has(store, "policies/rst/doomed"), what="the second policy in etcd")
-        await env.wait_enforced(timeout=30)
+        await env.wait_enforced(timeout=30, statuses=False)
         proc.stop()
         before = await store.read_all()
         # A restart with nothing changed writes nothing.
@@ -181,11 +182,13 @@ async def test_corrupt_and_changed_values_are_rewritten(env: NetfenceEnv) -> Non
     store = await _store(env)
     try:
         good = await eventually(lambda: _has(store, "policies/drift/web-from-db"), what="policy in etcd")
-        key = store.layout.key("policies/drift/web-from-db")
-        await store.client.kv.put(key, b"{not json")
-        endpoint_key = store.layout.key("endpoints/node-a/drift/web")
+        raw = Etcd3Client([env.cluster.netfence_etcd.endpoint])
+        await raw.connect()
+        assert raw.kv is not None
+        await raw.kv.put(store.layout.key("policies/drift/web-from-db"), b"{not json")
         changed = dict(good["endpoints/node-a/drift/web"], ingress=[])
-        await store.client.kv.put(endpoint_key, json.dumps(changed).encode())
+        await raw.kv.put(store.layout.key("endpoints/node-a/drift/web"), json.dumps(changed).encode())
+        await raw.close()
 
         async def repaired() -> bool:
             now = await etcd_values(store)
@@ -246,10 +249,10 @@ async def test_label_change_rewrites_only_affected_keys(env: NetfenceEnv) -> Non
     store = await _store(env)
     try:
         await eventually(lambda: _count(store, "policies/many/", 200), what="200 policies compiled", timeout=60)
-        await env.wait_enforced(timeout=60)
+        await env.wait_enforced(timeout=60, statuses=False)
         before = await store.read_all()
         pod = await core.patch_namespaced_pod("p3", "many", {"metadata": {"labels": {"peer7": "yes"}}})
-        await env.wait_enforced({"pods": int(pod.metadata.resource_version)}, timeout=30)
+        await env.wait_enforced({"pods": int(pod.metadata.resource_version)}, timeout=30, statuses=False)
         after = await store.read_all()
         changed = {k for k in set(before.values) | set(after.values)
                    if before.values.get(k) != after.values.get(k) and k.startswith(OWNED)}

@@ -55,6 +55,11 @@ def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
     """All handlers of the controller, registered on a fresh registry (no import-time effects)."""
     registry = kopf.OperatorRegistry()
 
+    @kopf.on.login(registry=registry)
+    async def login(**kwargs: Any) -> Any:
+        # In a pod: the service account; elsewhere: the kubeconfig (KUBECONFIG set by main).
+        return await kopf.login_via_async_client(**kwargs)
+
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.persistence.progress_storage = _NoStorage()
@@ -119,7 +124,7 @@ def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
         if error:
             warnings = (f"invalid policy: {error}", *warnings)
         if warnings and runtime.warnings_posted.get((ns, name)) != warnings:
-            kopf.warn(dict(body), reason="NetfencePolicyWarning", message="; ".join(warnings)[:1000])
+            kopf.warn(body, reason="NetfencePolicyWarning", message="; ".join(warnings)[:1000])
         runtime.warnings_posted[(ns, name)] = warnings
 
     @kopf.on.event(CPS_GROUP, CPS_VERSION, CPS_PLURAL, registry=registry)

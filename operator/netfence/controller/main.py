@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -80,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"netfence-controller: {exc}\n")
         return 2
     configure_logging(config.log_level, config.log_format)
+    if config.kubeconfig is not None:
+        # Kopf's login reads KUBECONFIG through kubernetes_asyncio, which takes it at import time.
+        os.environ["KUBECONFIG"] = str(config.kubeconfig)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(config))
     return 0

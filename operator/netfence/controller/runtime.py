@@ -48,7 +48,7 @@ class ControllerRuntime:
     @classmethod
     async def start(cls, config: ControllerConfig) -> ControllerRuntime:
         kube = await KubeApi.connect(config.kubeconfig)
-        store = EtcdStore(etcd_config(config))
+        store = EtcdStore(etcd_config(config), identity=config.identity)
         await store.connect()
         engine = ModelEngine()
         world = WorldTracker(engine)
@@ -112,10 +112,11 @@ class ControllerRuntime:
     async def _watch_reports(self) -> None:
         while True:
             try:
-                for node, data in (await self.store.read_reports()).items():
+                reports = await self.store.read_reports()
+                for node, data in reports.items():
                     self.status.set_report(node, NodeReport.from_json(data))
-                async for node, data in self.store.watch_reports():
-                    self.status.set_report(node, None if data is None else NodeReport.from_json(data))
+                async for node, update in self.store.watch_reports(after_revision=reports.revision):
+                    self.status.set_report(node, None if update is None else NodeReport.from_json(update))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -87,7 +87,7 @@ def test_malformed_scenarios_name_file_key_and_expectation(doc: dict, message: s
 def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.yaml"
     bad.write_text("name: [unclosed\n")
-    with pytest.raises(ScenarioError, match="broken.yaml: not valid YAML"):
+    with pytest.raises(ScenarioError, match=r"broken\.yaml: not valid YAML"):
         load_scenario(bad)
 
 
