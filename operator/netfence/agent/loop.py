@@ -197,11 +197,11 @@ class Agent:
                 last = None
                 async with self.store.keep_lease(lease_id, self.config.report_ttl) as keeper:
                     while keeper.alive:
+                        self._report_wake.clear()  # before reading: a later apply wakes us again
                         current = self.report()
                         if current != last and self.health.applies > 0:
                             await self.store.put_report(self.config.node, current, lease_id)
                             last = current
-                        self._report_wake.clear()
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._report_wake.wait(), 1.0)
             except asyncio.CancelledError:

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,9 @@ class NetfenceEnv:
     api: client.ApiClient | None = None
     agents: dict[int, AgentProc] = field(default_factory=dict)
     controllers: dict[str, ManagedProcess] = field(default_factory=dict)
+    # Deletions leave no resource version to wait for: instead the barrier waits
+    # until the committed model no longer refers to what was deleted.
+    _gone: list[Callable[[Mapping[str, bytes]], bool]] = field(default_factory=list)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -191,15 +194,18 @@ class NetfenceEnv:
     async def _wait_observed(self, store: Any, marks: dict[str, int], deadline: float) -> int:
         last: dict[str, Any] = {}
         while True:
-            state = await store.committed_snapshot(include=lambda k: k == "meta/observed")
+            state = await store.committed_snapshot()
             raw = state.values.get("meta/observed")
             if raw is not None and state.commit_revision > 0:
                 last = json.loads(raw).get("resourceVersions", {})
-                if all(last.get(kind, 0) >= rv for kind, rv in marks.items()):
+                caught_up = all(last.get(kind, 0) >= rv for kind, rv in marks.items())
+                if caught_up and all(gone(state.values) for gone in self._gone):
+                    self._gone.clear()
                     return int(state.commit_revision)
             if time.monotonic() > deadline:
                 raise EnforcementTimeout(
                     f"the controller has not caught up with the API server: observed {last}, need {marks}"
+                    + (f" and {len(self._gone)} deletions" if self._gone else "")
                 )
             await asyncio.sleep(0.05)
 
@@ -269,9 +275,10 @@ class NetfenceEnv:
     async def delete_policy(self, namespace: str, name: str) -> tuple[str, int]:
         assert self.api is not None
         net = client.NetworkingV1Api(self.api)
-        resp = await net.delete_namespaced_network_policy(name, namespace, _preload_content=False)
-        data = json.loads(await resp.read())
-        return "networkpolicies", int(data.get("metadata", {}).get("resourceVersion") or 0)
+        await net.delete_namespaced_network_policy(name, namespace)
+        key = f"policies/{namespace}/{name}"
+        self._gone.append(lambda values: key not in values)
+        return "networkpolicies", 0
 
     async def label(
         self, kind: str, name: str, labels: Mapping[str, str | None], namespace: str | None = None
@@ -302,11 +309,10 @@ class NetfenceEnv:
 
     async def delete_pod(self, namespace: str, name: str) -> tuple[str, int]:
         assert self.api is not None and self.kubelet is not None
-        core = client.CoreV1Api(self.api)
-        resp = await core.delete_namespaced_pod(name, namespace, grace_period_seconds=0, _preload_content=False)
-        data = json.loads(await resp.read())
+        ip = self.kubelet.pod(namespace, name).ip
         await self.kubelet.delete_pod(namespace, name)
-        return "pods", int(data.get("metadata", {}).get("resourceVersion") or 0)
+        self._gone.append(lambda values: not _refers_to_pod(values, namespace, name, ip))
+        return "pods", 0
 
     # --- reset between scenarios ---------------------------------------------------
 
@@ -325,6 +331,19 @@ class NetfenceEnv:
             if ns.metadata.name in SYSTEM_NAMESPACES:
                 continue
             await finalize_namespace(core, ns.metadata.name)
+
+
+def _refers_to_pod(values: Mapping[str, bytes], namespace: str, name: str, ip: str) -> bool:
+    """Whether the committed model still has an endpoint of the pod or its address in a set."""
+    suffix = f"/{namespace}/{name}"
+    for key, raw in values.items():
+        if key.startswith("endpoints/") and key.endswith(suffix):
+            return True
+        if key.startswith("sets/"):
+            members = json.loads(raw).get("members", [])
+            if any(m == ip or m.startswith(ip + ",") for m in members):
+                return True
+    return False
 
 
 async def finalize_namespace(core: client.CoreV1Api, name: str) -> None:
