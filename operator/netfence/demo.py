@@ -117,7 +117,7 @@ def connectivity_table(results: dict[tuple[str, str], bool], style: Style) -> st
     heads = [f"{p.key}:{p.port}" for p in servers]
     width = max(len(p.key) for p in PODS)
     cols = [max(len(h), 4) for h in heads]
-    lines = ["  " + "from \\ to".ljust(width) + "  " + "  ".join(h.ljust(c) for h, c in zip(heads, cols, strict=True))]
+    lines = ["  " + "from \\ to".ljust(width) + "  " + "  ".join(h.ljust(c) for h, c in zip(heads, cols, strict=True)).rstrip()]
     for client in PODS:
         cells = []
         for server, col in zip(servers, cols, strict=True):
@@ -126,7 +126,7 @@ def connectivity_table(results: dict[tuple[str, str], bool], style: Style) -> st
                 continue
             ok = results[(client.key, server.key)]
             cells.append(style.ok("ok".ljust(col)) if ok else style.bad("--".ljust(col)))
-        lines.append("  " + client.key.ljust(width) + "  " + "  ".join(cells))
+        lines.append(("  " + client.key.ljust(width) + "  " + "  ".join(cells)).rstrip())
     return "\n".join(lines)
 
 
@@ -141,8 +141,8 @@ def drop_counters(netns: str) -> list[tuple[str, int, str]]:
         m = re.match(r"^\[(\d+):(\d+)\] -A (\S+) (.*)-j DROP", line)
         if not m or int(m.group(1)) == 0:
             continue
-        comment = re.search(r'--comment "?([^"]+?)"? (-|$)', m.group(4) + " -")
-        found.append((m.group(3), int(m.group(1)), comment.group(1) if comment else ""))
+        comment = re.search(r'--comment (?:"([^"]*)"|(\S+))', line)
+        found.append((m.group(3), int(m.group(1)), (comment.group(1) or comment.group(2)) if comment else ""))
     return found
 
 
@@ -232,6 +232,8 @@ async def run_demo(out: Out, keep: bool, workdir: Path, style: Style) -> int:
                      "pids": [p.pid for p in env.controllers.values()] + [a.process.pid for a in env.agents.values()]}
             (workdir / "demo.json").write_text(json.dumps(state))
             cluster.detach()
+            if env.api is not None:
+                await env.api.close()  # the processes stay; only this client goes
             env_kept = True
             out("")
             out(style.bold("The demo keeps running."))
