@@ -28,7 +28,12 @@ APPS = tuple(f"app{i}" for i in range(20))
 TIERS = ("web", "api", "db", "cache")
 TEAMS = tuple(f"team{i}" for i in range(10))
 ENVS = ("prod", "staging", "dev")
-CIDRS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+CIDRS = {  # ipBlock cidr -> its except
+    "10.0.0.0/8": "10.1.0.0/16",
+    "172.16.0.0/12": "172.16.1.0/24",
+    "192.168.0.0/16": "192.168.1.0/24",
+    "100.64.0.0/10": "100.64.0.0/16",
+}
 
 
 @dataclass(frozen=True)
@@ -113,15 +118,12 @@ def _policy_spec(shape: int, rng: random.Random) -> Body:
                          "ports": [{"protocol": "TCP", "port": 5432}]}],
         }
     if shape == 2:  # ipBlock ingress, egress to a named port in prod namespaces; selects on track
-        cidr = rng.choice(CIDRS)
+        cidr = rng.choice(sorted(CIDRS))
         return {
             "podSelector": {"matchLabels": {"app": app, "track": "stable"},
                             "matchExpressions": [{"key": "tier", "operator": "In", "values": ["web", "api"]}]},
             "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [{"ipBlock": {"cidr": cidr, "except": [cidr.replace("/8", "/16")
-                                                                          .replace("/12", "/16")
-                                                                          .replace("/10", "/16")
-                                                                          .replace("/16", "/24")]}}],
+            "ingress": [{"from": [{"ipBlock": {"cidr": cidr, "except": [CIDRS[cidr]]}}],
                          "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 8443}]}],
             "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"env": "prod"}}}],
                         "ports": [{"protocol": "TCP", "port": "http"}]}],

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from netfence.store.errors import StoreError
 from netfence.store.etcd import EtcdConfig, EtcdStore
 
 T = TypeVar("T")
@@ -27,7 +28,7 @@ async def eventually(
             last = await check()
             if last:
                 return last
-        except (ApiException, KeyError, AssertionError) as exc:
+        except (ApiException, KeyError, AssertionError, StoreError) as exc:
             last = exc
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")

@@ -267,3 +267,55 @@ async def test_label_change_rewrites_only_affected_keys(env: NetfenceEnv) -> Non
 async def _count(store: Any, prefix: str, n: int) -> bool:
     values = await store.read_all()
     return sum(k.startswith(prefix) for k in values.values) >= n
+
+
+async def _health(port: int) -> int:
+    import urllib.error
+    import urllib.request
+
+    def get() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return 0
+
+    return await asyncio.to_thread(get)
+
+
+async def test_etcd_outage_reports_not_ready_and_converges(env: NetfenceEnv) -> None:
+    assert env.api is not None
+    core, net = client.CoreV1Api(env.api), client.NetworkingV1Api(env.api)
+    await _seed(core, net, "outage")
+    port = 18080 + (int(time.time()) % 1000)
+    env.start_controller("c0", extra=(f"--health-port={port}",))
+    store = await _store(env)
+    etcd = env.cluster.netfence_etcd
+    try:
+        await eventually(lambda: _has(store, "policies/outage/web-from-db"), what="compiled state")
+        assert await eventually(lambda: _is(_health(port), 200), what="ready before the outage")
+        etcd.kill()
+        try:
+            await eventually(lambda: _is(_health(port), 500), what="not ready while etcd is down", timeout=30)
+            # Changes made during the outage are applied when etcd returns.
+            await net.create_namespaced_network_policy("outage", policy("outage", "during", {"podSelector": {}}))
+            await core.patch_namespaced_pod("db", "outage", {"metadata": {"labels": {"app": "gone"}}})
+        finally:
+            etcd.restart()
+        await eventually(lambda: _is(_health(port), 200), what="ready again", timeout=30)
+
+        async def converged() -> bool:
+            values = await etcd_values(store)
+            pod_sets = [v for k, v in values.items() if k.startswith("sets/") and v.get("kind") == "pods"]
+            return "policies/outage/during" in values and all("10.244.0.11" not in s["members"] for s in pod_sets)
+
+        await eventually(converged, what="changes made during the outage in etcd", timeout=30)
+        assert env.controllers["c0"].alive()
+    finally:
+        await store.close()
+
+
+async def _is(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)

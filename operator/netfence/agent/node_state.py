@@ -36,11 +36,24 @@ class NodeState:
         return key.startswith(("policies/", "sets/", f"endpoints/{self.node}/"))
 
     def reset(self, values: Mapping[str, bytes]) -> None:
-        self.policies.clear()
-        self.sets.clear()
-        self.endpoints.clear()
+        """Replace everything with a fresh snapshot.
+
+        Keys absent from the snapshot are dropped; a key whose new value does
+        not decode keeps its last good value (as in :meth:`update`).
+        """
+        wanted = {k: v for k, v in values.items() if self.wants(k)}
+        for key in [*self._keys()]:
+            if key not in wanted:
+                self._drop(key)
         self.decode_errors.clear()
-        self.update({k: v for k, v in values.items() if self.wants(k)})
+        self.update(wanted)
+
+    def _keys(self) -> list[str]:
+        return (
+            [f"policies/{k}" for k in self.policies]
+            + [f"sets/{k}" for k in self.sets]
+            + [f"endpoints/{self.node}/{k}" for k in self.endpoints]
+        )
 
     def update(self, changes: Mapping[str, bytes | None]) -> None:
         for key, raw in changes.items():

@@ -7,6 +7,7 @@ persistence is switched to memory so nothing is ever stored on users' objects.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -78,9 +79,14 @@ def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
             await runtime.stop()
 
     @kopf.on.probe(id="etcd", registry=registry)
-    def probe_etcd(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    async def probe_etcd(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+        """Not ready (the health endpoint fails) while etcd does not answer or writes fail."""
         runtime = _runtime(memo)
         syncer = runtime.syncer
+        try:
+            await asyncio.wait_for(runtime.store.get("meta/schema"), 2.0)
+        except Exception as exc:
+            raise kopf.PermanentError(f"etcd unreachable: {exc}") from exc
         if runtime.election.is_leader and not syncer.healthy and syncer.last_error:
             raise kopf.PermanentError(f"etcd writes failing: {syncer.last_error}")
         return {

@@ -77,23 +77,30 @@ def compute_status(facts: PolicyFacts, reports: Mapping[str, NodeReport]) -> dic
     missing: list[str] = []
     failing: dict[str, str] = {}
     lagging: list[str] = []
-    nodes: list[dict[str, Any]] = []
+    failing_revisions: dict[str, int] = {}
     for node in sorted(facts.required_nodes):
         report = reports.get(node)
         if report is None:
             missing.append(node)
-            nodes.append({"name": node, "synced": False, "appliedRevision": 0, "message": "no report"})
-            continue
-        ok = report.applied_revision >= facts.revision
-        entry: dict[str, Any] = {"name": node, "synced": ok, "appliedRevision": report.applied_revision}
-        if ok:
+        elif report.applied_revision >= facts.revision:
             synced.append(node)
         elif report.last_error:
             failing[node] = report.last_error
-            entry["message"] = _cap(report.last_error, 256)
+            failing_revisions[node] = report.applied_revision
         else:
             lagging.append(node)
-        nodes.append(entry)
+    # Per-node detail, nodes that are not synced first. Only values that stay put
+    # while nothing relevant to this policy changes: a synced node's applied
+    # revision moves with every commit anywhere in the cluster and would turn
+    # every commit into a status write for every policy.
+    nodes: list[dict[str, Any]] = []
+    nodes += [{"name": n, "synced": False, "message": "no agent report (agent down?)"} for n in missing]
+    nodes += [
+        {"name": n, "synced": False, "appliedRevision": failing_revisions[n], "message": _cap(failing[n], 256)}
+        for n in sorted(failing)
+    ]
+    nodes += [{"name": n, "synced": False, "message": "applying"} for n in lagging]
+    nodes += [{"name": n, "synced": True} for n in synced]
 
     required = len(facts.required_nodes)
     if len(synced) == required:
