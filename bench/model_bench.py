@@ -121,6 +121,24 @@ def main() -> None:
     if not same:
         raise SystemExit("the incremental engine disagrees with compile_world")
 
+    # --- one full status pass: what StatusWriter.facts() costs for every policy --------
+    for with_warnings in (True, False):
+        t0 = time.perf_counter()
+        for ns, name in sorted(engine._policies):
+            engine.policy_view(ns, name, with_warnings=with_warnings)
+        elapsed = time.perf_counter() - t0
+        print(f"  policy_view for all {sizes.policies} policies (one status pass), "
+              f"warnings={with_warnings!s:<5}: {elapsed * 1000:6.0f} ms")
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for ns, name in sorted(engine._policies):
+            engine.policy_view(ns, name)
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+        print(out.getvalue())
+
     # --- single pod label changes -------------------------------------------------------
     rng = random.Random(7)
     tracker = WorldTracker(engine)

@@ -46,7 +46,10 @@ def status_rows(reports: Mapping[str, Mapping[str, Any]], commit_revision: int,
         when = str(report.get("time") or "")
         age = ""
         with contextlib.suppress(ValueError):
-            age = f"{(now - datetime.fromisoformat(when)).total_seconds():.0f}s ago"
+            stamp = datetime.fromisoformat(when)
+            if stamp.tzinfo is None:
+                stamp = stamp.replace(tzinfo=UTC)
+            age = f"{max(0.0, (now - stamp).total_seconds()):.0f}s ago"
         rows.append({
             "node": node,
             "appliedRevision": applied,
@@ -79,18 +82,22 @@ async def _gather(endpoints: list[str], prefix: str) -> tuple[dict[str, dict[str
     await store.connect()
     try:
         reports = await store.read_reports()
-        state = await store.committed_snapshot(include=lambda k: False)
-        return reports, int(state.commit_revision)
+        return dict(reports), await store.commit_revision()
     finally:
         await store.close()
 
 
 def status_command(args: argparse.Namespace) -> int:
+    from netfence.store.errors import StoreError
+
     endpoints = _endpoints(args)
     try:
         reports, commit = asyncio.run(asyncio.wait_for(_gather(endpoints, args.etcd_prefix), 10))
     except TimeoutError:
         raise CliError(f"etcd at {','.join(endpoints)} did not answer within 10s; check that it runs") from None
+    except StoreError as exc:
+        raise CliError(f"cannot read node reports from etcd at {','.join(endpoints)} ({exc}); "
+                       "check that it runs and the endpoints are right") from None
     rows = status_rows(reports, commit)
     if args.output == "json":
         out(json.dumps({"commitRevision": commit, "agents": rows}, indent=2))

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+KNOWN_SCHEMAS = (1, 2)  # etcd layout schemas (netfence.store.migration.SCHEMAS)
+
 
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message names it."""
@@ -56,9 +58,12 @@ class ControllerConfig:
     log_level: str = "INFO"
     log_format: str = "text"
     namespace: str | None = None  # watch all namespaces when None
+    target_schema: int = 1  # etcd layout schema to migrate to once every agent reads it
 
     def validate(self) -> None:
         self.etcd.validate()
+        if self.target_schema not in KNOWN_SCHEMAS:
+            raise ConfigError(f"target schema {self.target_schema}: known schemas are {list(KNOWN_SCHEMAS)}")
         if self.lease_ttl < 2:
             raise ConfigError("lease TTL must be at least 2 seconds")
         if self.coalesce_seconds < 0:
@@ -77,9 +82,12 @@ class AgentConfig:
     health_host: str = "127.0.0.1"
     log_level: str = "INFO"
     log_format: str = "text"
+    max_schema: int = 2  # newest etcd layout schema this agent reads (1 behaves like agents before schema 2)
 
     def validate(self) -> None:
         self.etcd.validate()
+        if self.max_schema not in KNOWN_SCHEMAS:
+            raise ConfigError(f"max schema {self.max_schema}: known schemas are {list(KNOWN_SCHEMAS)}")
         if not self.node:
             raise ConfigError("node name is required (--node or NETFENCE_NODE)")
         if self.resync_seconds <= 0:
@@ -147,6 +155,11 @@ def load_agent_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
     parser.add_argument("--report-ttl", default=env_default("REPORT_TTL", "10", env))
     parser.add_argument("--health-port", default=env_default("HEALTH_PORT", "9099", env))
     parser.add_argument("--health-host", default=env_default("HEALTH_HOST", "127.0.0.1", env))
+    parser.add_argument(
+        "--max-schema",
+        default=env_default("MAX_SCHEMA", "2", env),
+        help="newest etcd layout schema to read and report in schemaSupported (1: as agents before schema 2)",
+    )
     add_etcd_arguments(parser, env)
     add_logging_arguments(parser, env)
     args = parser.parse_args(argv)
@@ -161,6 +174,7 @@ def load_agent_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         health_host=args.health_host,
         log_level=args.log_level,
         log_format=args.log_format,
+        max_schema=int(_number(args.max_schema, "max schema", int)),
     )
     config.validate()
     return config

@@ -117,7 +117,8 @@ def connectivity_table(results: dict[tuple[str, str], bool], style: Style) -> st
     heads = [f"{p.key}:{p.port}" for p in servers]
     width = max(len(p.key) for p in PODS)
     cols = [max(len(h), 4) for h in heads]
-    lines = ["  " + "from \\ to".ljust(width) + "  " + "  ".join(h.ljust(c) for h, c in zip(heads, cols, strict=True)).rstrip()]
+    header = "  ".join(h.ljust(c) for h, c in zip(heads, cols, strict=True))
+    lines = ["  " + "from \\ to".ljust(width) + "  " + header.rstrip()]
     for client in PODS:
         cells = []
         for server, col in zip(servers, cols, strict=True):

@@ -51,9 +51,17 @@ def test_names_scope_and_version() -> None:
         "shortNames": ["policystatus", "cps"],
         "categories": ["netfence"],
     }
-    [version] = spec["versions"]
-    assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
-    assert version["subresources"] == {"status": {}}
+    versions = {v["name"]: v for v in spec["versions"]}
+    assert [(v["name"], v["served"], v["storage"]) for v in spec["versions"]] == [
+        ("v1", True, True), ("v1alpha1", True, False),
+    ]
+    # Same schema, columns and subresources: the API server converts with no webhook.
+    assert "conversion" not in spec or spec["conversion"] == {"strategy": "None"}
+    v1, v1alpha1 = versions["v1"], versions["v1alpha1"]
+    assert {k: v for k, v in v1.items() if k not in ("name", "storage")} == {
+        k: v for k, v in v1alpha1.items() if k not in ("name", "storage")
+    }
+    assert v1["subresources"] == {"status": {}}
     assert crd_names(REPO / "crds") == [("clusterpolicystatuses.netfence.dev", "policystatus")]
 
 

@@ -32,11 +32,10 @@ from netfence.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SCHEMAS = (1,)
-
 
 @dataclass
 class AgentHealth:
+    node: str = ""
     etcd_connected: bool = False
     applied_revision: int = 0
     target_revision: int = 0
@@ -50,6 +49,8 @@ class AgentHealth:
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "node": self.node,
+            "version": __version__,
             "etcdConnected": self.etcd_connected,
             "appliedRevision": self.applied_revision,
             "targetRevision": self.target_revision,
@@ -69,8 +70,8 @@ class Agent:
         self.store = store
         self.dataplane = dataplane
         self.features = features
-        self.state = NodeState(config.node)
-        self.health = AgentHealth()
+        self.state = NodeState(config.node, max_schema=config.max_schema)
+        self.health = AgentHealth(node=config.node)
         self._revision = 0
         self._apply_lock = asyncio.Lock()
         self._retry: asyncio.Task[None] | None = None
@@ -85,6 +86,7 @@ class Agent:
             asyncio.create_task(self._follow(), name="follow-commits"),
             asyncio.create_task(self._drift_loop(), name="drift-repair"),
             asyncio.create_task(self._report_loop(), name="node-report"),
+            asyncio.create_task(self._connectivity_loop(), name="etcd-connectivity"),
         ]
         try:
             await asyncio.gather(*tasks)
@@ -151,18 +153,21 @@ class Agent:
             self._retry = asyncio.create_task(self._retry_loop(), name="apply-retry")
 
     async def _retry_loop(self) -> None:
+        """Retry a failed apply (a full sync) with backoff, at least once per resync period."""
         delay = 0.5
+        limit = min(30.0, max(1.0, self.config.resync_seconds))
         while self.health.last_error is not None:
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, limit)
             if await self.apply(full=True):
+                log.info("apply succeeded again at revision %d", self.health.applied_revision)
                 return
 
     async def _drift_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.resync_seconds)
-            if self.health.applies == 0:
-                continue
+            if self.health.applies == 0 or self.health.last_error is not None:
+                continue  # nothing applied yet, or the retry loop is already re-applying
             try:
                 drifted = await asyncio.to_thread(self.dataplane.check_drift)
             except Exception as exc:
@@ -172,6 +177,21 @@ class Agent:
                 log.warning("netfilter state drifted from what was applied; repairing")
                 self.health.drift_repairs += 1
                 await self.apply(full=True)
+
+    async def _connectivity_loop(self, interval: float = 1.0) -> None:
+        """Keep ``etcdConnected`` current: a silent watch can take long to notice an outage."""
+        while True:
+            try:
+                await asyncio.wait_for(self.store.commit_revision(), interval * 2)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.health.etcd_connected:
+                    log.warning("etcd does not answer (%s); enforcing the last applied state", exc)
+                self.health.etcd_connected = False
+            else:
+                self.health.etcd_connected = True
+            await asyncio.sleep(interval)
 
     # --- reporting -----------------------------------------------------------
 
@@ -185,7 +205,7 @@ class Agent:
             "sets": self.health.sets,
             "lastError": self.health.last_error,
             "version": __version__,
-            "schemaSupported": list(SUPPORTED_SCHEMAS),
+            "schemaSupported": list(self.state.schemas_supported),
         }
 
     async def _report_loop(self) -> None:

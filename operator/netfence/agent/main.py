@@ -8,9 +8,15 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from netfence.config import AgentConfig, ConfigError, load_agent_config
 from netfence.logs import configure_logging
+from netfence.store.errors import StoreError
+
+if TYPE_CHECKING:
+    from netfence.agent.loop import Agent
+    from netfence.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +37,12 @@ async def run(config: AgentConfig) -> None:
             key_file=config.etcd.key_file,
         )
     )
-    await store.connect()
     runner = SubprocessRunner(netns=config.netns)
     dataplane = Dataplane(runner, ipv6=config.ipv6)
     features = await asyncio.to_thread(dataplane.detect_features)
     agent = Agent(config, store, dataplane, features)
     http = await health.serve(agent.health.as_json, config.health_host, config.health_port)
-    main_task = asyncio.create_task(agent.run())
+    main_task = asyncio.create_task(_connect_and_run(agent, store))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Fail-static: stopping never touches the rules; they stay in force.
@@ -51,6 +56,23 @@ async def run(config: AgentConfig) -> None:
         await http.cleanup()
         with contextlib.suppress(Exception):
             await store.close()
+
+
+async def _connect_and_run(agent: Agent, store: EtcdStore) -> None:
+    """Connect to etcd (retrying: an agent started during an etcd outage keeps the
+    node's rules as they are and waits), then run the agent."""
+    backoff = 0.2
+    while True:
+        try:
+            await store.connect()
+            break
+        except StoreError as exc:
+            log.warning("etcd unavailable at start (%s); the rules in force stay as they are", exc)
+            with contextlib.suppress(Exception):
+                await store.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+    await agent.run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -67,6 +67,7 @@ def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
         settings.persistence.diffbase_storage = _NoDiffBase()
         settings.persistence.finalizer = "netfence.dev/unused"  # never added: no deletion handlers
         settings.posting.level = logging.WARNING
+        settings.scanning.disabled = True  # resources are fixed; no need to list CRDs (and no RBAC for it)
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.networking.error_backoffs = [1, 2, 5, 10]
@@ -95,21 +96,23 @@ def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
             "lastError": syncer.last_error,
         }
 
+    # Every event handler is ``async``: Kopf runs plain ``def`` handlers in a thread pool, but
+    # the world, the engine and the syncer's asyncio.Event may only be touched from the loop.
     def _feed(memo: Any, kind: str, event_type: str | None, body: Any) -> None:
         runtime = _runtime(memo)
         if runtime.world.apply(kind, event_type, dict(body)):
             runtime.syncer.notify()
 
     @kopf.on.event("", "v1", "pods", registry=registry)
-    def pod_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def pod_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
         _feed(memo, "pods", type, body)
 
     @kopf.on.event("", "v1", "namespaces", registry=registry)
-    def namespace_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def namespace_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
         _feed(memo, "namespaces", type, body)
 
     @kopf.on.event("", "v1", "nodes", registry=registry)
-    def node_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def node_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
         _feed(memo, "nodes", type, body)
 
     @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", registry=registry)
@@ -134,7 +137,7 @@ def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
         runtime.warnings_posted[(ns, name)] = warnings
 
     @kopf.on.event(CPS_GROUP, CPS_VERSION, CPS_PLURAL, registry=registry)
-    def status_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def status_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
         if type == "DELETED":
             _runtime(memo).status.status_deleted(body["metadata"]["name"])
 

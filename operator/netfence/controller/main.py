@@ -41,6 +41,11 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
                         default=float(env_default("RECONCILE_SECONDS", "60", env) or 60),
                         help="period of the full etcd reconcile that repairs changed or corrupt values")
     parser.add_argument("--health-port", type=int, default=int(env_default("HEALTH_PORT", "8080", env) or 8080))
+    parser.add_argument(
+        "--target-schema", type=int, default=int(env_default("TARGET_SCHEMA", "1", env) or 1),
+        help="etcd layout schema to migrate to once every live agent reads it (1: never migrate; "
+        "2: chunked peer sets, see docs/design.md)",
+    )
     add_etcd_arguments(parser, env)
     add_logging_arguments(parser, env)
     args = parser.parse_args(argv)
@@ -54,6 +59,7 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
         status_interval=args.status_interval_ms / 1000,
         health_port=args.health_port,
         reconcile_seconds=args.reconcile_seconds,
+        target_schema=args.target_schema,
         log_level=args.log_level,
         log_format=args.log_format,
     )

@@ -60,6 +60,7 @@ class ControllerRuntime:
             observed=lambda: world.observed,
             coalesce_seconds=config.coalesce_seconds,
             reconcile_seconds=config.reconcile_seconds,
+            target_schema=config.target_schema,
         )
         status = StatusWriter(
             kube, engine, world, syncer.key_revisions, lambda: election.is_leader, config.status_interval
@@ -113,10 +114,14 @@ class ControllerRuntime:
         while True:
             try:
                 reports = await self.store.read_reports()
+                self.status.replace_reports({node: NodeReport.from_json(data, node) for node, data in reports.items()})
+                for gone in set(self.syncer.agent_schemas) - set(reports):
+                    self.syncer.set_agent_report(gone, None)
                 for node, data in reports.items():
-                    self.status.set_report(node, NodeReport.from_json(data))
+                    self.syncer.set_agent_report(node, data)
                 async for node, update in self.store.watch_reports(after_revision=reports.revision):
-                    self.status.set_report(node, None if update is None else NodeReport.from_json(update))
+                    self.status.set_report(node, None if update is None else NodeReport.from_json(update, node))
+                    self.syncer.set_agent_report(node, update)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

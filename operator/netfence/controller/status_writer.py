@@ -84,6 +84,13 @@ class StatusWriter:
             self.reports[node] = report
         self.mark_all()
 
+    def replace_reports(self, reports: dict[str, NodeReport]) -> None:
+        """All node reports as read afresh (after a watch failure): reports that
+        vanished meanwhile (expired leases) must not linger."""
+        if reports != self.reports:
+            self.reports = dict(reports)
+            self.mark_all()
+
     def status_deleted(self, name: str) -> None:
         """Someone deleted a status object: forget it so it is recreated."""
         self.existing.discard(name)
@@ -121,6 +128,9 @@ class StatusWriter:
             if meta is None:
                 continue
             await self._write_one(meta)
+            # facts() is CPU work (policy warnings); when no status changes nothing above awaits
+            # I/O, so yield: a pass over every policy must not stall the syncer's commits.
+            await asyncio.sleep(0)
 
     async def _resync_objects(self) -> None:
         listed = await self.kube.list_statuses()

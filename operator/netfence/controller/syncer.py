@@ -8,6 +8,12 @@ whole prefix and writes exactly the difference to the desired state, which
 also deletes state of objects removed while no controller ran and rewrites
 values someone changed or corrupted. A reconcile against matching state
 writes nothing.
+
+Layout schema (``store/migration.py``): the engine produces *logical* keys;
+the syncer stores them in the layout ``schema`` that the migration gate
+allows (never above ``target_schema``, and only what every live agent
+reads). A change of layout is done by a reconcile in two commits: the new
+layout's keys with ``meta/schema``, then the removal of the old layout's keys.
 """
 
 from __future__ import annotations
@@ -24,10 +30,21 @@ from netfence.store.election import LeaderElection
 from netfence.store.errors import NotLeaderError
 from netfence.store.etcd import EtcdStore
 from netfence.store.layout import CorruptValueError
+from netfence.store.migration import (
+    check_schema,
+    decide_schema,
+    exclusive_to,
+    logical_key,
+    physical,
+    physical_state,
+    report_schemas,
+    required_nodes,
+    stored_schema,
+)
 
 log = logging.getLogger(__name__)
 
-OWNED_PREFIXES = ("policies/", "sets/", "endpoints/", "meta/")
+OWNED_PREFIXES = ("policies/", "sets/", "sets2/", "endpoints/", "meta/")
 SCHEMA_KEY = "meta/schema"
 OBSERVED_KEY = "meta/observed"
 
@@ -41,6 +58,7 @@ class EtcdSyncer:
         observed: Callable[[], Mapping[str, int]],
         coalesce_seconds: float = 0.02,
         reconcile_seconds: float = 60.0,
+        target_schema: int = 1,
     ):
         self.engine = engine
         self.store = store
@@ -58,6 +76,12 @@ class EtcdSyncer:
         self._needs_reconcile = True
         self._written_observed: dict[str, int] = {}
         self._last_reconcile = 0.0
+        # Layout schema (see store/migration.py).
+        self.target_schema = check_schema(target_schema)
+        self.schema = 1  # the layout in etcd (meta/schema), as of the last reconcile or commit
+        self.agent_schemas: dict[str, frozenset[int]] = {}  # live node reports: node -> schemas read
+        self.migrations: list[tuple[int, int, int]] = []  # (from, to, revision), for tests and logs
+        self._stored_sets: dict[str, dict[str, bytes]] = {}  # schema >= 2: set key -> its stored keys
 
     def notify(self) -> None:
         """The engine changed (or the world was observed further): sync soon."""
@@ -66,6 +90,25 @@ class EtcdSyncer:
     def request_reconcile(self) -> None:
         self._needs_reconcile = True
         self._wake.set()
+
+    def set_agent_report(self, node: str, report: Mapping[str, Any] | None) -> None:
+        """A node report changed (None: gone); the migration gate may open or close."""
+        schemas = None if report is None else report_schemas(report)
+        if self.agent_schemas.get(node) == schemas:
+            return
+        if schemas is None:
+            self.agent_schemas.pop(node, None)
+        else:
+            self.agent_schemas[node] = schemas
+        if self.target_schema > 1 or self.schema > 1:
+            self._wake.set()
+
+    def wanted_schema(self) -> int:
+        """The layout schema to write now (the migration gate, store/migration.py)."""
+        if self.target_schema == 1 and self.schema == 1:
+            return 1
+        required = required_nodes(self.engine.desired()) if self.schema < self.target_schema else None
+        return decide_schema(self.target_schema, self.schema, self.agent_schemas, required)
 
     async def run(self) -> None:
         backoff = 0.2
@@ -83,7 +126,7 @@ class EtcdSyncer:
                 self._needs_reconcile = True
                 continue
             try:
-                if self._needs_reconcile:
+                if self._needs_reconcile or self.wanted_schema() != self.schema:
                     await self.reconcile()
                 else:
                     await self._write_changes()
@@ -119,19 +162,38 @@ class EtcdSyncer:
         return {OBSERVED_KEY: self.store.layout.encode({"resourceVersions": observed})}
 
     async def _write_changes(self) -> None:
-        changes: dict[str, bytes | None] = {
-            key: None if value is None else self.store.layout.encode(value)
-            for key, value in self.engine.drain_changes().items()
-        }
+        changes: dict[str, bytes | None] = {}
+        stored_sets: dict[str, dict[str, bytes]] = {}
+        for key, value in self.engine.drain_changes().items():
+            if self.schema < 2 or not key.startswith("sets/"):
+                changes[key] = None if value is None else self.store.layout.encode(value)
+                continue
+            # Chunked sets: write only the chunks (and header) that changed.
+            before = self._stored_sets.get(key, {})
+            after = {} if value is None else self._encoded(physical(key, value, self.schema))
+            changes.update({k: raw for k, raw in after.items() if before.get(k) != raw})
+            changes.update(dict.fromkeys(before.keys() - after.keys()))
+            stored_sets[key] = after
         changes.update(self._observed_change())
         if changes:
             await self._commit(changes)
+        for key, after in stored_sets.items():
+            if after:
+                self._stored_sets[key] = after
+            else:
+                self._stored_sets.pop(key, None)
+
+    def _encoded(self, values: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:
+        return {key: self.store.layout.encode(value) for key, value in values.items()}
 
     async def reconcile(self) -> None:
         snapshot = await self.store.read_all()
         self.engine.drain_changes()  # desired() below covers them
-        desired: dict[str, Any] = dict(self.engine.desired())
-        desired[SCHEMA_KEY] = {"schema": 1}
+        stored = self._stored_schema(snapshot.values.get(SCHEMA_KEY))
+        self.schema = stored
+        schema = self.wanted_schema()
+        desired: dict[str, Any] = physical_state(self.engine.desired(), schema)
+        desired[SCHEMA_KEY] = {"schema": schema}
         observed = self._merged_observed(snapshot.values.get(OBSERVED_KEY))
         desired[OBSERVED_KEY] = {"schema": 1, "resourceVersions": observed}
         changes: dict[str, bytes | None] = {}
@@ -139,11 +201,17 @@ class EtcdSyncer:
             raw = snapshot.values.get(key)
             if raw is None or not self._same(key, raw, value):
                 changes[key] = self.store.layout.encode(value)
+        migrating = schema != stored
         for key in snapshot.values:
             if key.startswith(OWNED_PREFIXES) and key not in desired:
+                if migrating and exclusive_to(key, stored):
+                    continue  # readers of the old layout still use it: removed after the switch
                 changes[key] = None
         self._last_reconcile = time.monotonic()
         self._needs_reconcile = False
+        if migrating:
+            log.info("migrating the etcd layout from schema %d to %d (live agents read: %s)",
+                     stored, schema, {n: sorted(s) for n, s in sorted(self.agent_schemas.items())})
         if changes:
             log.info("reconcile: %d keys differ from the desired state; writing them", len(changes))
             self._written_observed = observed
@@ -153,9 +221,28 @@ class EtcdSyncer:
             commit_rev = snapshot.commit_revision
             self.commit_revision = max(self.commit_revision, commit_rev)
             for key in desired:
-                self.key_revisions.setdefault(key, commit_rev)
+                self.key_revisions.setdefault(logical_key(key), commit_rev)
             for callback in self.on_commit:
                 callback(self.commit_revision, set())
+        self.schema = schema
+        self._stored_sets = {}
+        if schema >= 2:
+            for key, value in desired.items():
+                if key.startswith("sets2/"):
+                    self._stored_sets.setdefault(logical_key(key), {})[key] = self.store.layout.encode(value)
+        if migrating:
+            self.migrations.append((stored, schema, self.commit_revision))
+            log.info("layout schema %d committed at revision %d; removing the schema %d keys",
+                     schema, self.commit_revision, stored)
+            await self.reconcile()
+
+    def _stored_schema(self, raw: bytes | None) -> int:
+        if raw is None:
+            return 1
+        try:
+            return stored_schema(self.store.layout.decode(raw, key=SCHEMA_KEY))
+        except CorruptValueError:
+            return 1
 
     def _merged_observed(self, raw: bytes | None) -> dict[str, int]:
         """Observed resource versions only grow: a fresh listing misses deletions seen before."""
@@ -191,8 +278,9 @@ class EtcdSyncer:
         self.commit_revision = revision
         if OBSERVED_KEY in changes:
             self._written_observed = observed_now
-        for key in changes:
+        logical = {logical_key(key) for key in changes}
+        for key in logical:
             self.key_revisions[key] = revision
         log.debug("committed %d keys at revision %d", len(changes), revision)
         for callback in self.on_commit:
-            callback(revision, set(changes))
+            callback(revision, logical)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 
@@ -57,8 +58,14 @@ def entries(kind: SetKind, member: str) -> list[tuple[Family, str]]:
         return []
 
 
+@functools.lru_cache(maxsize=4096)
 def family_members(kind: SetKind, members: tuple[str, ...], family: Family) -> frozenset[str]:
-    """The entries of ``family``; for hash:net an except (nomatch) wins over an equal CIDR."""
+    """The entries of ``family``; for hash:net an except (nomatch) wins over an equal CIDR.
+
+    Cached (pure; the result is immutable): the agent renders its whole model on
+    every commit, and re-parsing every member of every unchanged set dominated that.
+    A malformed member is therefore logged once per distinct member list, not per render.
+    """
     by_element: dict[str, str] = {}
     for member in members:
         for fam, entry in entries(kind, member):

@@ -19,6 +19,7 @@ Peer → set mapping:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -221,15 +222,31 @@ def make_endpoint(pod: Pod, policies: Iterable[CompiledPolicy]) -> Endpoint:
     )
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _address(ip: str) -> tuple[int, int]:
+    """(IP version, integer value) of an address; cached: the same pod IPs are tested over and over."""
+    addr = ipaddress.ip_address(ip)
+    return addr.version, int(addr)
+
+
 def net_matcher(spec: NetSetSpec) -> Callable[[str], bool]:
-    """ipBlock semantics as a predicate: inside cidr and outside every except."""
+    """ipBlock semantics as a predicate: inside cidr and outside every except.
+
+    Compares integers (an address is in a network iff it lies between its
+    first and last address); an except of the other IP version never matches.
+    """
     net = ipaddress.ip_network(spec.cidr)
-    excepts = [ipaddress.ip_network(e) for e in spec.excepts]
+    version, first, last = net.version, int(net.network_address), int(net.broadcast_address)
+    excepts = [
+        (int(e.network_address), int(e.broadcast_address))
+        for e in (ipaddress.ip_network(x) for x in spec.excepts)
+        if e.version == version
+    ]
 
     def matches(ip: str) -> bool:
-        addr = ipaddress.ip_address(ip)
-        if addr.version != net.version or addr not in net:
+        ip_version, value = _address(ip)
+        if ip_version != version or not first <= value <= last:
             return False
-        return not any(addr in e for e in excepts)
+        return not any(lo <= value <= hi for lo, hi in excepts)
 
     return matches

@@ -32,15 +32,26 @@ class NodeReport:
     sets: int = 0
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> NodeReport:
+    def from_json(cls, data: Mapping[str, Any], node: str | None = None) -> NodeReport:
+        """Decode a node report leniently: one odd report must not stop status for all.
+
+        ``node`` (the name in the report's key) wins over the body's ``node``.
+        Fields of the wrong type count as absent.
+        """
+
+        def number(name: str) -> int:
+            value = data.get(name)
+            return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+        error = data.get("lastError")
         return cls(
-            node=str(data["node"]),
-            applied_revision=int(data.get("appliedRevision") or 0),
-            last_error=data.get("lastError") or None,
+            node=node or str(data.get("node") or ""),
+            applied_revision=number("appliedRevision"),
+            last_error=str(error) if error else None,
             version=str(data.get("version") or ""),
             time=str(data.get("time") or ""),
-            rules=int(data.get("rules") or 0),
-            sets=int(data.get("sets") or 0),
+            rules=number("rules"),
+            sets=number("sets"),
         )
 
 

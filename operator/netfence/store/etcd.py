@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
 import time
-from collections.abc import AsyncGenerator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,6 +134,43 @@ def _endpoint(url: str) -> str:
     return url.rstrip("/")
 
 
+Resolver = Callable[[str, int], list[str]]
+
+
+def _resolve_ipv4(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def resolve_endpoints(
+    endpoints: Sequence[str], resolver: Resolver = _resolve_ipv4
+) -> tuple[list[str], str | None]:
+    """``host:port`` endpoints as ``ip:port`` targets, plus the TLS server name to verify.
+
+    etcd3aio dials an ``ipv4:`` target, which takes addresses only; host names
+    (a Service name, an external etcd's DNS name) are resolved here, every
+    address becoming a round-robin target, and the first host name is what the
+    server certificate is checked against.
+    """
+    targets: list[str] = []
+    server_name: str | None = None
+    for raw in endpoints:
+        host, _, port = _endpoint(raw).rpartition(":")
+        try:
+            ipaddress.ip_address(host)
+            targets.append(f"{host}:{port}")
+            continue
+        except ValueError:
+            pass
+        try:
+            addresses = resolver(host, int(port))
+        except OSError as exc:
+            raise EtcdUnavailable(f"cannot resolve etcd endpoint {raw!r}: {exc}") from exc
+        targets.extend(f"{address}:{port}" for address in addresses)
+        server_name = server_name or host
+    return targets, server_name
+
+
 class EtcdStore:
     """Async etcd access for Netfence. ``connect()`` before use, ``close()`` after."""
 
@@ -158,12 +196,13 @@ class EtcdStore:
         async def read(path: PathLike | None) -> bytes | None:
             return None if path is None else await asyncio.to_thread(Path(path).read_bytes)
 
-        manager = ConnectionManager([_endpoint(e) for e in cfg.endpoints])
+        targets, server_name = await asyncio.to_thread(resolve_endpoints, cfg.endpoints)
+        manager = ConnectionManager(targets)
         self._channel = manager.get_channel(
             ca_cert=await read(cfg.ca_file),
             cert_key=await read(cfg.key_file),
             cert_chain=await read(cfg.cert_file),
-            tls_server_name=cfg.tls_server_name,
+            tls_server_name=cfg.tls_server_name or server_name,
         )
         self._kv_service = KVService(self._channel)
         self._lease_service = LeaseService(self._channel)

@@ -7,7 +7,8 @@ JSON objects that always carry ``"schema"``.
 Key families:
 
 * committed data, written by the controller and applied by readers only at
-  commit markers: ``policies/<ns>/<name>``, ``sets/<id>``,
+  commit markers: ``policies/<ns>/<name>``, ``sets/<id>`` (layout schema 1)
+  or ``sets2/<id>[/<chunk>]`` (layout schema 2, see ``store/migration.py``),
   ``endpoints/<node>/<ns>/<name>``, ``meta/...``;
 * protocol keys: ``commit`` (the commit marker), ``pending`` (present while a
   change that spans several transactions is being written), ``leader``;
@@ -38,10 +39,11 @@ __all__ = [
 
 DEFAULT_PREFIX = "/netfence/v1/"
 SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA = 1
+SUPPORTED_SCHEMA = 2  # the newest layout schema this code reads (store/migration.py)
 
 POLICIES = "policies/"
 SETS = "sets/"
+SETS_V2 = "sets2/"  # layout schema 2: chunked peer sets
 ENDPOINTS = "endpoints/"
 META = "meta/"
 STATUS_NODES = "status/nodes/"
@@ -50,7 +52,7 @@ PENDING = "pending"
 LEADER = "leader"
 META_SCHEMA = "meta/schema"
 
-COMMITTED_PREFIXES: tuple[str, ...] = (POLICIES, SETS, ENDPOINTS, META)
+COMMITTED_PREFIXES: tuple[str, ...] = (POLICIES, SETS, SETS_V2, ENDPOINTS, META)
 
 
 def _check_part(what: str, value: str) -> str:

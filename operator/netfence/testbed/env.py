@@ -136,7 +136,10 @@ class NetfenceEnv:
         self.controllers[identity] = proc
         return proc
 
-    def start_agent(self, index: int, extra: tuple[str, ...] = ()) -> AgentProc:
+    def start_agent(
+        self, index: int, extra: tuple[str, ...] = (), env: Mapping[str, str] | None = None
+    ) -> AgentProc:
+        """Start node ``index``'s agent; ``env`` adds to (or overrides) its environment."""
         assert self.fabric is not None and self.kubelet is not None
         node = self.kubelet.nodes[index]
         netns = self.fabric.node(index).netns
@@ -151,7 +154,8 @@ class NetfenceEnv:
             f"--health-port={port}",
             *self.etcd_args(), *self.agent_extra_args, *extra,
         ]
-        proc = ManagedProcess(f"agent-{node}", argv, self.workdir / f"agent-{node}.log", env=self._env())
+        log_path = self.workdir / f"agent-{node}.log"
+        proc = ManagedProcess(f"agent-{node}", argv, log_path, env={**self._env(), **(env or {})})
         proc.start()
         agent = AgentProc(index, node, netns, port, proc)
         self.agents[index] = agent
@@ -339,7 +343,7 @@ def _refers_to_pod(values: Mapping[str, bytes], namespace: str, name: str, ip: s
     for key, raw in values.items():
         if key.startswith("endpoints/") and key.endswith(suffix):
             return True
-        if key.startswith("sets/"):
+        if key.startswith(("sets/", "sets2/")):  # whole sets (schema 1) or chunks (schema 2)
             members = json.loads(raw).get("members", [])
             if any(m == ip or m.startswith(ip + ",") for m in members):
                 return True

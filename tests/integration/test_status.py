@@ -1,0 +1,198 @@
+"""ClusterPolicyStatus and ``netfence status`` with real processes: writes only on change, the table views.
+
+One two-node test bed for the module: 6 pods, 20 policies. Two pods (``c0`` on node 0,
+``c1`` on node 1) have a ``flip`` label that the churn test toggles; exactly two
+policies depend on it (``p00`` selects flip=on pods, ``p01`` admits them as peers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client, watch
+from tests.integration.enforcement_helpers import manifest, store_of
+
+from netfence.testbed.cluster import LocalCluster
+from netfence.testbed.env import NetfenceEnv
+
+NS = "stw"
+POLICIES = 20
+UPDATES = 200
+CHURNED = (f"{NS}.p00", f"{NS}.p01")
+
+
+def policy_manifest(i: int) -> dict[str, Any]:
+    if i == 0:
+        target, peers = {"flip": "on"}, {"tier": "stable"}
+    elif i == 1:
+        target, peers = {"app": "stable0"}, {"flip": "on"}
+    elif i % 3 == 0:
+        target, peers = {"tier": "stable"}, {"tier": "stable"}  # pods on both nodes
+    else:
+        target, peers = {"app": f"stable{i % 4}"}, {"tier": "stable"}
+    return manifest(NS, f"p{i:02d}", {
+        "podSelector": {"matchLabels": target},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": peers}}], "ports": [{"port": 80 + i}]}],
+    })
+
+
+@pytest.fixture(scope="module")
+async def env(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NetfenceEnv]:
+    environment = NetfenceEnv(cluster, tmp_path_factory.mktemp("status-env"), nodes=2, report_ttl=4)
+    await environment.start()
+    try:
+        marks: dict[str, int] = {}
+
+        def mark(result: tuple[str, int]) -> None:
+            marks[result[0]] = max(marks.get(result[0], 0), result[1])
+
+        mark(await environment.ensure_namespace(NS, {}))
+        for k in range(4):
+            mark(await environment.create_pod(NS, f"s{k}", {"app": f"stable{k}", "tier": "stable"}, [], k % 2))
+        for k in range(2):
+            mark(await environment.create_pod(NS, f"c{k}", {"role": "churn", "flip": "off"}, [], k))
+        for i in range(POLICIES):
+            mark(await environment.apply_manifest(policy_manifest(i)))
+        await environment.wait_enforced(marks, timeout=90)
+        yield environment
+    finally:
+        try:
+            await environment.delete_user_state()
+        finally:
+            await environment.close()
+
+
+@dataclass
+class WriteCounter:
+    """Counts ClusterPolicyStatus watch events (each one is an API write) per object."""
+
+    events: Counter[tuple[str, str]] = field(default_factory=Counter)
+    last_event: float = field(default_factory=time.monotonic)
+
+    def writes(self, name: str) -> int:
+        return sum(n for (obj, _), n in self.events.items() if obj == name)
+
+    def total(self) -> int:
+        return sum(self.events.values())
+
+
+async def count_writes(api: client.ApiClient, resource_version: str, counter: WriteCounter) -> None:
+    custom = client.CustomObjectsApi(api)
+    stream = watch.Watch().stream(custom.list_cluster_custom_object, "netfence.dev", "v1alpha1",
+                                  "clusterpolicystatuses", resource_version=resource_version, timeout_seconds=600)
+    async with stream:
+        async for event in stream:
+            counter.events[(event["object"]["metadata"]["name"], event["type"])] += 1
+            counter.last_event = time.monotonic()
+
+
+async def statuses(env: NetfenceEnv) -> dict[str, dict[str, Any]]:
+    custom = client.CustomObjectsApi(env.api)
+    items = (await custom.list_cluster_custom_object("netfence.dev", "v1alpha1", "clusterpolicystatuses"))["items"]
+    return {i["metadata"]["name"]: i for i in items if i["metadata"]["name"].startswith(f"{NS}.")}
+
+
+async def test_status_writes_follow_relevant_changes_not_events(env: NetfenceEnv) -> None:
+    assert env.api is not None
+    custom = client.CustomObjectsApi(env.api)
+    listed = await custom.list_cluster_custom_object("netfence.dev", "v1alpha1", "clusterpolicystatuses")
+    counter = WriteCounter()
+    watcher = asyncio.create_task(count_writes(env.api, listed["metadata"]["resourceVersion"], counter))
+    try:
+        marks: dict[str, int] = {}
+        started = time.monotonic()
+        for k in range(UPDATES):  # c0 on, c1 on, c0 off, c1 off, ...
+            value = "on" if (k // 2) % 2 == 0 else "off"
+            kind, rv = await env.label("Pod", f"c{k % 2}", {"flip": value}, NS)
+            marks[kind] = max(marks.get(kind, 0), rv)
+        churn_seconds = time.monotonic() - started
+        await env.wait_enforced(marks, timeout=90)
+        # Nothing is left to write once everything is enforced: wait for the watch to go quiet.
+        while time.monotonic() - counter.last_event < 2.0:
+            await asyncio.sleep(0.2)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+    # Only status changes are written: the 18 policies the churn does not touch get no write
+    # at all, although every change moved both agents' applied revisions.
+    untouched = {f"{NS}.p{i:02d}": counter.writes(f"{NS}.p{i:02d}") for i in range(2, POLICIES)}
+    assert set(untouched.values()) == {0}, untouched
+    assert not any(kind in ("ADDED", "DELETED") for _, kind in counter.events), counter.events
+    # Each update changes what p00 and p01 select or admit: at most Pending + Enforced per (policy, update).
+    affected_pairs = len(CHURNED) * UPDATES
+    assert counter.total() <= 2 * affected_pairs + 10, counter.events
+    assert counter.total() < UPDATES * POLICIES * 2 // 10
+    assert all(counter.writes(name) > 0 for name in CHURNED), counter.events
+
+    final = await statuses(env)
+    assert final[f"{NS}.p00"]["status"]["phase"] == "Enforced"
+    assert final[f"{NS}.p00"]["status"]["endpoints"] == 0  # both churned pods ended flip=off
+    assert final[f"{NS}.p01"]["status"]["synced"] == "1/1"
+    assert churn_seconds < 60
+
+
+async def test_kubectl_get_policystatus_columns(env: NetfenceEnv) -> None:
+    result = await asyncio.to_thread(env.cluster.kubectl, "get", "policystatus")
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "POLICY", "PHASE", "SYNCED", "ENDPOINTS", "AGE"], lines[0]
+    rows = {cells[0]: cells for cells in (line.split() for line in lines[1:])}
+    assert rows[f"{NS}.p03"][1:5] == [f"{NS}/p03", "Enforced", "2/2", "4"]  # tier=stable: pods on both nodes
+    assert rows[f"{NS}.p02"][1:5] == [f"{NS}/p02", "Enforced", "1/1", "1"]
+    assert rows[f"{NS}.p00"][1:5] == [f"{NS}/p00", "Enforced", "0/0", "0"]
+    assert all(f"{NS}.p{i:02d}" in rows for i in range(POLICIES))
+    wide = await asyncio.to_thread(env.cluster.kubectl, "get", "cps", f"{NS}.p03", "-o", "wide")
+    assert "REVISION" in wide.stdout.splitlines()[0]
+
+
+def netfence_status(env: NetfenceEnv, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "netfence.cli", "status", f"--etcd-endpoints={env.cluster.netfence_etcd.endpoint}",
+         f"--etcd-prefix={env.prefix}", *args],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    return result.stdout
+
+
+async def test_netfence_status_lists_every_agent(env: NetfenceEnv) -> None:
+    await env.wait_enforced(timeout=60)
+    store = await store_of(env)
+    try:
+        reports = await store.read_reports()
+        commit = await store.commit_revision()
+    finally:
+        await store.close()
+
+    table = (await asyncio.to_thread(netfence_status, env)).splitlines()
+    assert table[0] == f"controller's last commit: revision {commit}"
+    header = table[1]
+    assert header.split() == ["NODE", "APPLIED", "LAG", "LAST", "SYNC", "VERSION", "LAST", "ERROR"]
+    rows = {line.split()[0]: line for line in table[2:]}
+    assert set(rows) == {"node-0", "node-1"}
+    for node, line in rows.items():
+        cells = line.split()
+        assert cells[1] == str(reports[node]["appliedRevision"])
+        assert cells[2] == "0"  # caught up
+        assert cells[4] == "ago"  # LAST SYNC: "<n>s ago"
+        assert line[header.index("LAST ERROR"):].strip() == ""
+
+    listed = json.loads(await asyncio.to_thread(netfence_status, env, "-o", "json"))
+    assert listed["commitRevision"] == commit
+    agents = {a["node"]: a for a in listed["agents"]}
+    assert set(agents) == {"node-0", "node-1"}
+    for node, row in agents.items():
+        assert row["appliedRevision"] == reports[node]["appliedRevision"] >= commit
+        assert row["lag"] == 0 and row["lastError"] == ""
+        assert row["lastSync"] == reports[node]["time"] and row["version"] == reports[node]["version"]
