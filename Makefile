@@ -32,6 +32,7 @@ demo: setup
 bench: setup
 	$(VENV)/python bench/controller_bench.py
 	$(VENV)/python bench/dataplane_bench.py
+	$(VENV)/python bench/agent_bench.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build dist

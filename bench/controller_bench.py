@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
 import random
 import shutil
 import sys
@@ -259,10 +258,7 @@ async def run_round(
         f"--identity=bench-controller-{round_no}",
         f"--health-port={free_port()}",
     ]
-    env = dict(os.environ)
-    if args.asyncio_debug:  # logs every event-loop callback that blocks for > 100 ms
-        env["PYTHONASYNCIODEBUG"] = "1"
-    proc = ManagedProcess(f"controller-{round_no}", argv, workdir / f"controller-{round_no}.log", env=env)
+    proc = ManagedProcess(f"controller-{round_no}", argv, workdir / f"controller-{round_no}.log")
     try:
         t_start = time.monotonic()
         proc.start()
@@ -449,8 +445,6 @@ def main() -> None:
     parser.add_argument("--diagnose", action="store_true",
                         help="run the controller under bench/controller_probe.py (stack sampler + loop-stall "
                              "monitor) and print where its event loop stalled")
-    parser.add_argument("--asyncio-debug", action="store_true",
-                        help="run the controller with PYTHONASYNCIODEBUG=1 (diagnosis; slows it down)")
     asyncio.run(main_async(parser.parse_args()))
 
 

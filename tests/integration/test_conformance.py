@@ -53,6 +53,15 @@ def test_scenario_folders_are_there() -> None:
     assert len(collect_files([OWN])) >= 25, OWN
 
 
+def describe(lines: list[str], result: ScenarioResult) -> str:
+    """The runner's output plus its dumps (the work folder may be gone when someone reads a CI log)."""
+    output = "\n".join(lines)
+    for step in result.steps:
+        if step.dump and Path(step.dump).is_file():
+            output += f"\n--- {step.dump}\n{Path(step.dump).read_text()}"
+    return output
+
+
 @pytest.mark.parametrize(
     "path", SCENARIO_FILES, ids=lambda p: f"{'own' if p.is_relative_to(OWN) else 'shared'}/{p.stem}"
 )
@@ -60,7 +69,7 @@ async def test_scenario(path: Path, cluster: LocalCluster, tmp_path: Path) -> No
     scenario = load_scenario(path)
     lines: list[str] = []
     [result] = await run_scenarios([scenario], cluster, tmp_path, out=lines.append)
-    output = "\n".join(lines)
+    output = describe(lines, result)
     expected = "skipped" if sctp_only(scenario) and not HAS_SCTP else "passed"
     assert result.status == expected, f"{path}: {result.status} ({result.error})\n{output}"
     assert len(result.steps) == len(scenario.steps), output

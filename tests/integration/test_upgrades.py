@@ -490,7 +490,8 @@ async def test_controller_handover_sigterm_and_sigkill(env: NetfenceEnv) -> None
                 entries = await assert_model_matches_api(env, store, schema=1)
             writers = check_one_writer(rec)
             commits = sum(1 for e in rec.events if e.changes.get(L.COMMIT) is not None)
-            probed = probes.check()
+            await probes.rounds(2)
+            probed = probes.check(minimum=4)
         print(f"\nhandover after SIGTERM: leader key released +{term_release:.2f}s, new leader +{term_handover:.2f}s, "
               f"first commit +{term_first:.2f}s (goal < 5 s; old lease TTL 10 s)")
         print(f"handover after SIGKILL: new leader +{kill_handover:.2f}s, first commit "
@@ -617,6 +618,7 @@ async def test_layout_migration_waits_for_every_agent(env: NetfenceEnv) -> None:
         assert reports[node0]["schemaSupported"] == [1] and reports[node1]["schemaSupported"] == [1, 2]
         with Probes(world) as probes:
             async with Recorder(store) as rec:
+                await probes.rounds(2)
                 # The new controller (--target-schema 2) takes over; an old agent is live: it stays on schema 1.
                 new = env.start_controller("new", ("--target-schema=2",))
                 await wait_controller_ready(new)
@@ -626,6 +628,7 @@ async def test_layout_migration_waits_for_every_agent(env: NetfenceEnv) -> None:
                 await env.wait_enforced(world.marks, timeout=60)
                 await assert_model_matches_api(env, store, schema=1)
                 assert not any(k.startswith("sets2/") for e in rec.events for k in e.changes)
+                await probes.rounds(2)
 
                 # (c) The old agent is restarted as a new one: the controller migrates to schema 2.
                 before = await report_of(store, node0)
@@ -649,7 +652,7 @@ async def test_layout_migration_waits_for_every_agent(env: NetfenceEnv) -> None:
                 world.mark(await env.label("Pod", "bad1", {"role": "good"}, namespace=world.ns))
                 await env.wait_enforced(world.marks, timeout=60)
                 entries = await assert_model_matches_api(env, store, schema=2)
-            probed = probes.check(minimum=5)
+            probed = probes.check(minimum=6)
         history = rec.replay()
         # The gate: schema 2 keys appear only once every live report lists 2 ...
         first_v2 = next(i for i, (e, _) in enumerate(history) if any(k.startswith("sets2/") for k in e.changes))

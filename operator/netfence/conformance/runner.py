@@ -255,6 +255,10 @@ class ScenarioRun:
                     if "NETFENCE" in line or "nf-" in line or "nf4-" in line or "nf6-" in line or line.startswith("*")
                 )
                 parts.append(f"### node {agent.node} ({agent.netns}): {' '.join(argv)}\n{text}\n")
+        processes = [*self.env.controllers.values(), *(a.process for a in self.env.agents.values())]
+        for proc in processes:
+            state = "running" if proc.alive() else "exited"
+            parts.append(f"### {proc.name} ({state}), last lines of {proc.log_path}\n{proc.tail(40)}\n")
         path.write_text("\n".join(parts))
         return str(path)
 

@@ -84,6 +84,16 @@ def _dports(proto: str, ranges: list[tuple[int, int]]) -> list[tuple[str, str]]:
     return out
 
 
+_RULE_CACHE_SIZE = 32_768  # entries (rule lines); cleared when full
+_RULE_CACHE: dict[tuple[object, ...], tuple[tuple[str, ...], dict[str, str]]] = {}
+
+
+def _rule_set_ids(rule: CompiledRule) -> tuple[str, ...]:
+    """Every set id a rule names (peers, then named ports)."""
+    named = tuple(p.named_set for p in rule.ports or () if p.named_set is not None)
+    return (*(rule.peers or ()), *named)
+
+
 def _ip_mask(family: Family) -> int:
     return 32 if family == "v4" else 128
 
@@ -156,7 +166,30 @@ class _FamilyRenderer:
         frags.extend(dict.fromkeys(named))
         return frags
 
-    def _rule_lines(self, direction: Direction, rule: CompiledRule) -> list[str]:
+    def _rule_lines(self, direction: Direction, rule: CompiledRule) -> tuple[str, ...]:
+        """The rule's lines, cached: they depend only on the family, direction, rule, SCTP
+        support and the kind (or absence) of the sets it names, and the agent renders its
+        whole model on every commit. Warnings are logged when a rule is first rendered."""
+        kinds = tuple(
+            (sid, ps.kind if (ps := self.model.sets.get(sid)) is not None else None) for sid in _rule_set_ids(rule)
+        )
+        key = (self.family, direction, rule, self.features.sctp_port_match, kinds)
+        hit = _RULE_CACHE.get(key)
+        if hit is None:
+            outer, self.set_ids = self.set_ids, {}
+            try:
+                lines = tuple(self._render_rule(direction, rule))
+                hit = (lines, self.set_ids)
+            finally:
+                self.set_ids = {**outer, **self.set_ids}
+            if len(_RULE_CACHE) >= _RULE_CACHE_SIZE:
+                _RULE_CACHE.clear()
+            _RULE_CACHE[key] = hit
+        else:
+            self.set_ids.update(hit[1])
+        return hit[0]
+
+    def _render_rule(self, direction: Direction, rule: CompiledRule) -> list[str]:
         where = "src" if direction == "ingress" else "dst"
         peers: list[str] = [""]
         if rule.peers is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,11 +20,45 @@ class StartupError(RuntimeError):
     """A managed process did not come up; the message says what to do."""
 
 
+_handed_out: set[int] = set()
+
+
+def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (and of ``bind(0)``)."""
+    try:
+        low, high = (int(v) for v in Path(path).read_text().split())
+    except (OSError, ValueError):
+        return (32768, 60999)  # the Linux default
+    return (low, high)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on ``host`` (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that is free right now on ``host`` (and on every address) for a child to listen on.
+
+    It is taken from *below* the kernel's ephemeral range: a port from inside it
+    (``bind(0)``) can be taken as the local port of any outgoing connection on
+    the machine before the child binds it, and a child that cannot bind its
+    health port dies (the controller did, failing a whole conformance step).
+    Random picks keep concurrent test beds apart; a port is not handed out
+    twice by one process.
+    """
+    low, _ = ephemeral_range()
+    first = 20000 if low > 21000 else 1024
+    last = min(low, 65536) - 1
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(first, last) if last > first else 0
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0" if port else host, port))
+            except OSError:
+                continue
+            port = int(sock.getsockname()[1])
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port found between {first} and {last}")
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
