@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -30,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes_asyncio import client, config
+from tests.integration.enforcement_helpers import connects
 from tests.integration.helpers import eventually, open_store
 
 from netfence.model.compiler import compile_world
@@ -117,17 +117,6 @@ async def env(cluster: LocalCluster, tmp_path: Path) -> AsyncIterator[NetfenceEn
 # --- continuous probes -------------------------------------------------------------------------
 
 
-def _connects(prober: Prober, netns: str, ip: str, timeout: float) -> bool:
-    sock = prober.open_socket(netns, socket.SOCK_STREAM)
-    with sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect((ip, PORT))
-        except OSError:
-            return False
-        return True
-
-
 class Probes:
     """One thread per pair, probing until stopped: allowed pairs do a full exchange (a
     reply within 3 s), denied pairs must never complete a TCP handshake (0.5 s)."""
@@ -150,7 +139,7 @@ class Probes:
             if allowed:
                 ok = self.prober.exchange(Probe(src.netns, dst.ip, PORT), timeout=3.0) is not None
             else:
-                ok = not _connects(self.prober, src.netns, dst.ip, timeout=0.5)
+                ok = not connects(self.prober, src.netns, dst.ip, PORT, timeout=0.5)
             with self._lock:
                 self.counts[name] = self.counts.get(name, 0) + 1
                 if not ok:
@@ -195,7 +184,8 @@ async def probes_hold(world: World) -> None:
             ok = await asyncio.to_thread(prober.exchange, Probe(src.netns, dst.ip, PORT), 3.0)
             assert ok is not None, f"{name} must connect"
         else:
-            assert not await asyncio.to_thread(_connects, prober, src.netns, dst.ip, 0.5), f"{name} must not connect"
+            connected = await asyncio.to_thread(connects, prober, src.netns, dst.ip, PORT, 0.5)
+            assert not connected, f"{name} must not connect"
 
 
 # --- watching etcd -----------------------------------------------------------------------------
@@ -583,7 +573,7 @@ async def test_old_agent_reads_values_with_unknown_fields(env: NetfenceEnv) -> N
         prober = Prober()
         bad1, web0 = world.pods["bad1"], world.pods["web0"]
         assert await asyncio.to_thread(prober.exchange, Probe(bad1.netns, web0.ip, PORT), 3.0) is not None
-        assert not await asyncio.to_thread(_connects, prober, world.pods["bad0"].netns, world.pods["web1"].ip, 0.5)
+        assert not await asyncio.to_thread(connects, prober, world.pods["bad0"].netns, world.pods["web1"].ip, PORT, 0.5)
         for agent in env.agents.values():
             log_text = agent.process.log_path.read_text(errors="replace")
             assert "corrupt value" not in log_text and "ERROR" not in log_text, agent.process.tail()
