@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv/bin
 SCENARIOS ?= tests/conformance ../shared/conformance/scenarios
 
-.PHONY: setup test lint unit integration conformance demo bench clean
+.PHONY: setup test lint unit integration conformance demo bench clean crds golden
 
 setup:
 	@hack/setup.sh
@@ -13,7 +13,7 @@ test: setup lint
 	$(VENV)/pytest -q -p no:cacheprovider tests
 
 lint: setup
-	$(VENV)/ruff check operator tests bench
+	$(VENV)/ruff check operator tests bench hack
 	$(VENV)/mypy
 
 unit: setup
@@ -33,6 +33,14 @@ bench: setup
 	$(VENV)/python bench/controller_bench.py
 	$(VENV)/python bench/dataplane_bench.py
 	$(VENV)/python bench/agent_bench.py
+
+## crds: write the generated CRD copies (helm/netfence/files/, operator/netfence/crds/) from crds/
+crds:
+	python3 hack/gen_crds.py
+
+## golden: rewrite the renderer's golden files (tests/unit/dataplane/golden/); review the diff
+golden: setup
+	$(VENV)/python hack/update_golden.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build dist

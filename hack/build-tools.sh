@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the pinned control-plane tools (etcd, kube-apiserver, kubectl, helm)
-# from Go modules into a cache outside the checkout, once per machine.
+# and helm-docs (the chart README generator) from Go modules into a cache
+# outside the checkout, once per machine.
 #
 #   hack/build-tools.sh            build what is missing, print the bin folder
 #   NETFENCE_CACHE=/path ...       use another cache root (default ~/.cache/netfence)
@@ -14,17 +15,27 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${NETFENCE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/netfence}"
 mkdir -p "$cache/tools" "$cache/bin"
 
+# One build at a time per cache: a second setup (another checkout, a parallel
+# test session) waits here and then finds the tools built instead of building
+# them again beside the first.
+exec 9>"$cache/.build.lock"
+flock 9
+
 die() { echo "netfence: $*" >&2; exit 1; }
 
 command -v go >/dev/null 2>&1 \
   || die "the Go toolchain is missing: install Go >= 1.25 (https://go.dev/dl) and put 'go' on PATH, then run this again"
 
 # tool  version  package-to-build  ldflags
+# helm: the Kubernetes version `helm template`/`helm lint` assume without a
+# cluster is set as in Helm's own Makefile (its client-go minor, here 0.34);
+# without it Helm assumes 1.20 and refuses the chart's kubeVersion (>= 1.25).
 tools=(
   "etcd|v3.6.16|.|-X go.etcd.io/etcd/api/v3/version.GitSHA=netfence"
   "kube-apiserver|v1.35.4|k8s.io/kubernetes/cmd/kube-apiserver|-X k8s.io/component-base/version.gitVersion=v1.35.4 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=35 -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/component-base/version.buildDate=2026-01-01T00:00:00Z"
   "kubectl|v1.35.4|.|-X k8s.io/component-base/version.gitVersion=v1.35.4 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=35 -X k8s.io/client-go/pkg/version.gitVersion=v1.35.4 -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=35"
-  "helm|v3.19.0|helm.sh/helm/v3/cmd/helm|-X helm.sh/helm/v3/internal/version.version=v3.19.0 -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  "helm|v3.19.0|helm.sh/helm/v3/cmd/helm|-X helm.sh/helm/v3/internal/version.version=v3.19.0 -X helm.sh/helm/v3/internal/version.gitTreeState=clean -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=34 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=34"
+  "helm-docs|v1.14.2|github.com/norwoodj/helm-docs/cmd/helm-docs|-X main.version=v1.14.2"
 )
 
 only=("$@")

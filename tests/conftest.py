@@ -8,6 +8,7 @@ failed fixture teardowns are repeated in a summary section at the end.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
@@ -56,6 +57,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
                                  sep="!", red=True, bold=True)
         for line in failures:
             terminalreporter.line(line, red=True)
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A 127.0.0.1 port some socket listens on for the test (so starting a server on it must fail)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -76,9 +76,9 @@ def format_rows(rows: list[dict[str, Any]], commit_revision: int) -> list[str]:
 
 
 async def _gather(endpoints: list[str], prefix: str) -> tuple[dict[str, dict[str, Any]], int]:
-    from netfence.store.etcd import EtcdConfig, EtcdStore
+    from netfence.store.etcd import EtcdSettings, EtcdStore
 
-    store = EtcdStore(EtcdConfig(endpoints=endpoints, prefix=prefix))
+    store = EtcdStore(EtcdSettings(endpoints=endpoints, prefix=prefix))
     await store.connect()
     try:
         reports = await store.read_reports()
@@ -89,12 +89,15 @@ async def _gather(endpoints: list[str], prefix: str) -> tuple[dict[str, dict[str
 
 def status_command(args: argparse.Namespace) -> int:
     from netfence.store.errors import StoreError
+    from netfence.store.settings import ConfigError
 
     endpoints = _endpoints(args)
     try:
         reports, commit = asyncio.run(asyncio.wait_for(_gather(endpoints, args.etcd_prefix), 10))
     except TimeoutError:
         raise CliError(f"etcd at {','.join(endpoints)} did not answer within 10s; check that it runs") from None
+    except ConfigError as exc:
+        raise CliError(f"{exc}; fix --etcd-endpoints or --etcd-prefix") from None
     except StoreError as exc:
         raise CliError(f"cannot read node reports from etcd at {','.join(endpoints)} ({exc}); "
                        "check that it runs and the endpoints are right") from None

@@ -1,7 +1,11 @@
-"""Typed configuration of the programs, loaded and validated once at start-up.
+"""Typed configuration of the programs, parsed and validated here, once, at start-up.
 
 Every setting comes from a command-line flag or, failing that, an environment
-variable ``NETFENCE_<NAME>``; the defaults suit a cluster install.
+variable ``NETFENCE_<NAME>``; the defaults suit a cluster install. Each program
+has one configuration type (:class:`ControllerConfig`, :class:`AgentConfig`)
+whose ``etcd`` is the store's own settings type
+(:class:`netfence.store.settings.EtcdSettings`), handed to the store as it is.
+Invalid input raises :class:`ConfigError` with one line naming the flag.
 """
 
 from __future__ import annotations
@@ -9,39 +13,41 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn, TypeVar
+
+from netfence.dataplane.render import Features
+from netfence.store.settings import ConfigError, EtcdSettings
+
+__all__ = [
+    "KNOWN_SCHEMAS",
+    "AgentConfig",
+    "ConfigError",
+    "ControllerConfig",
+    "EtcdSettings",
+    "agent_parser",
+    "controller_parser",
+    "load_agent_config",
+    "load_controller_config",
+]
 
 KNOWN_SCHEMAS = (1, 2)  # etcd layout schemas (netfence.store.migration.SCHEMAS)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 
 
-class ConfigError(ValueError):
-    """A setting is missing or invalid; the message names it."""
+def _check_port(port: int, what: str) -> None:
+    if not 0 < port < 65536:
+        raise ConfigError(f"{what} {port}: expected a port number (1-65535)")
 
 
-@dataclass(frozen=True)
-class EtcdSettings:
-    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
-    prefix: str = "/netfence/v1/"
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-    def validate(self) -> None:
-        if not self.endpoints:
-            raise ConfigError("etcd endpoints: at least one host:port is required")
-        for ep in self.endpoints:
-            host, _, port = ep.rpartition(":")
-            if not host or not port.isdigit():
-                raise ConfigError(f"etcd endpoint {ep!r}: expected host:port")
-        if not (self.prefix.startswith("/") and self.prefix.endswith("/")):
-            raise ConfigError(f"etcd prefix {self.prefix!r}: must start and end with '/'")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ConfigError("etcd client certificate and key must be given together")
-        for path in (self.ca_file, self.cert_file, self.key_file):
-            if path is not None and not path.is_file():
-                raise ConfigError(f"etcd TLS file {path} does not exist")
+def _check_logging(level: str, fmt: str) -> None:
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log level {level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"log format {fmt!r}: expected one of {', '.join(LOG_FORMATS)}")
 
 
 @dataclass(frozen=True)
@@ -54,20 +60,25 @@ class ControllerConfig:
     status_interval: float = 0.2
     reconcile_seconds: float = 60.0
     health_port: int = 8080
-    metrics_port: int = 9090
     log_level: str = "INFO"
     log_format: str = "text"
-    namespace: str | None = None  # watch all namespaces when None
     target_schema: int = 1  # etcd layout schema to migrate to once every agent reads it
 
-    def validate(self) -> None:
-        self.etcd.validate()
+    def __post_init__(self) -> None:
+        if not self.identity:
+            raise ConfigError("identity must not be empty")
         if self.target_schema not in KNOWN_SCHEMAS:
             raise ConfigError(f"target schema {self.target_schema}: known schemas are {list(KNOWN_SCHEMAS)}")
         if self.lease_ttl < 2:
-            raise ConfigError("lease TTL must be at least 2 seconds")
+            raise ConfigError(f"lease TTL {self.lease_ttl}: must be at least 2 seconds")
         if self.coalesce_seconds < 0:
             raise ConfigError("coalesce window must not be negative")
+        if self.status_interval <= 0:
+            raise ConfigError("status interval must be positive")
+        if self.reconcile_seconds <= 0:
+            raise ConfigError("reconcile period must be positive")
+        _check_port(self.health_port, "health port")
+        _check_logging(self.log_level, self.log_format)
 
 
 @dataclass(frozen=True)
@@ -83,98 +94,170 @@ class AgentConfig:
     log_level: str = "INFO"
     log_format: str = "text"
     max_schema: int = 2  # newest etcd layout schema this agent reads (1 behaves like agents before schema 2)
+    disable_features: tuple[str, ...] = ()  # kernel feature ids (dataplane/render.py) to treat as missing
 
-    def validate(self) -> None:
-        self.etcd.validate()
-        if self.max_schema not in KNOWN_SCHEMAS:
-            raise ConfigError(f"max schema {self.max_schema}: known schemas are {list(KNOWN_SCHEMAS)}")
+    def __post_init__(self) -> None:
         if not self.node:
             raise ConfigError("node name is required (--node or NETFENCE_NODE)")
+        if self.max_schema not in KNOWN_SCHEMAS:
+            raise ConfigError(f"max schema {self.max_schema}: known schemas are {list(KNOWN_SCHEMAS)}")
         if self.resync_seconds <= 0:
             raise ConfigError("resync period must be positive")
         if self.report_ttl < 2:
-            raise ConfigError("report TTL must be at least 2 seconds")
+            raise ConfigError(f"report TTL {self.report_ttl}: must be at least 2 seconds")
+        _check_port(self.health_port, "health port")
+        _check_logging(self.log_level, self.log_format)
+        try:
+            Features().without(self.disable_features)
+        except ValueError as exc:
+            raise ConfigError(f"disabled features: {exc}") from None
 
 
-def env_default(name: str, default: str | None = None, env: Mapping[str, str] | None = None) -> str | None:
-    return (env if env is not None else os.environ).get(f"NETFENCE_{name}", default)
+# --- parsing -------------------------------------------------------------------------
 
 
-def add_etcd_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
-    group = parser.add_argument_group("etcd")
-    group.add_argument(
-        "--etcd-endpoints",
-        default=env_default("ETCD_ENDPOINTS", "127.0.0.1:2379", env),
-        help="comma-separated host:port list (env NETFENCE_ETCD_ENDPOINTS)",
-    )
-    group.add_argument("--etcd-prefix", default=env_default("ETCD_PREFIX", "/netfence/v1/", env))
-    group.add_argument("--etcd-ca", default=env_default("ETCD_CA", None, env))
-    group.add_argument("--etcd-cert", default=env_default("ETCD_CERT", None, env))
-    group.add_argument("--etcd-key", default=env_default("ETCD_KEY", None, env))
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
 
 
-def add_logging_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
-    parser.add_argument("--log-level", default=env_default("LOG_LEVEL", "INFO", env))
-    parser.add_argument(
-        "--log-format", choices=["text", "json"], default=env_default("LOG_FORMAT", "text", env)
-    )
+class _Options:
+    """Declares flags whose default is the environment variable ``NETFENCE_<NAME>``."""
+
+    def __init__(self, parser: argparse.ArgumentParser, env: Mapping[str, str] | None) -> None:
+        self.parser = parser
+        self.env = os.environ if env is None else env
+
+    def add(self, flag: str, env_name: str, default: str | None, text: str) -> None:
+        value = self.env.get(f"NETFENCE_{env_name}") or default  # an empty variable counts as unset
+        self.parser.add_argument(flag, default=value, help=f"{text} (env NETFENCE_{env_name})")
 
 
-def etcd_from_args(args: argparse.Namespace) -> EtcdSettings:
+N = TypeVar("N", int, float)
+
+
+def _number(args: argparse.Namespace, flag: str, kind: Callable[[str], N]) -> N:
+    raw = getattr(args, flag.lstrip("-").replace("-", "_"))
+    try:
+        return kind(str(raw).strip())
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{flag}: expected {noun}, got {raw!r}") from None
+
+
+def _add_etcd(options: _Options) -> None:
+    options.add("--etcd-endpoints", "ETCD_ENDPOINTS", "127.0.0.1:2379", "comma-separated host:port list")
+    options.add("--etcd-prefix", "ETCD_PREFIX", "/netfence/v1/", "key prefix of Netfence's data")
+    options.add("--etcd-ca", "ETCD_CA", None, "CA certificate of etcd's server certificate (enables TLS)")
+    options.add("--etcd-cert", "ETCD_CERT", None, "client certificate")
+    options.add("--etcd-key", "ETCD_KEY", None, "client certificate's key")
+
+
+def _add_logging(options: _Options) -> None:
+    options.add("--log-level", "LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    options.add("--log-format", "LOG_FORMAT", "text", "text or json")
+
+
+def _etcd(args: argparse.Namespace) -> EtcdSettings:
     def path(value: str | None) -> Path | None:
         return Path(value) if value else None
 
-    return EtcdSettings(
+    settings = EtcdSettings(
         endpoints=tuple(e.strip() for e in str(args.etcd_endpoints).split(",") if e.strip()),
         prefix=args.etcd_prefix,
         ca_file=path(args.etcd_ca),
         cert_file=path(args.etcd_cert),
         key_file=path(args.etcd_key),
     )
+    for flag, file in (("--etcd-ca", settings.ca_file), ("--etcd-cert", settings.cert_file),
+                       ("--etcd-key", settings.key_file)):
+        if file is not None and not Path(file).is_file():
+            raise ConfigError(f"{flag} {file}: no such file")
+    return settings
 
 
-def _number(value: str | None, name: str, kind: type[int] | type[float]) -> float:
-    try:
-        return kind(value) if value is not None else 0
-    except ValueError as exc:
-        raise ConfigError(f"{name}: expected a number, got {value!r}") from exc
+def controller_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The controller's flags; defaults from ``env`` (default: os.environ)."""
+    parser = _Parser(
+        prog="netfence-controller",
+        description="Compile NetworkPolicy, Pods and Namespaces into Netfence's enforcement model in etcd.",
+    )
+    opt = _Options(parser, env)
+    opt.add("--kubeconfig", "KUBECONFIG", None, "kubeconfig file; default: in-cluster config, then ~/.kube/config")
+    opt.add("--identity", "IDENTITY", None, "this replica's name in the leader election (default: host name)")
+    opt.add("--lease-ttl", "LEASE_TTL", "5", "TTL in seconds of the leader lease")
+    opt.add("--coalesce-ms", "COALESCE_MS", "20", "changes arriving within this window are written together")
+    opt.add("--status-interval-ms", "STATUS_INTERVAL_MS", "200", "period of ClusterPolicyStatus updates")
+    opt.add("--reconcile-seconds", "RECONCILE_SECONDS", "60",
+            "period of the full etcd reconcile that repairs changed or corrupt values")
+    opt.add("--health-port", "HEALTH_PORT", "8080", "port of /healthz")
+    opt.add("--target-schema", "TARGET_SCHEMA", "1",
+            "etcd layout schema to migrate to once every live agent reads it (1: never migrate; "
+            "2: chunked peer sets, see docs/design.md)")
+    _add_etcd(opt)
+    _add_logging(opt)
+    return parser
+
+
+def load_controller_config(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> ControllerConfig:
+    """The controller's configuration from ``argv`` (default: sys.argv) and ``env`` (default: os.environ)."""
+    args = controller_parser(env).parse_args(argv)
+    return ControllerConfig(
+        etcd=_etcd(args),
+        identity=args.identity or socket.gethostname(),
+        kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
+        lease_ttl=_number(args, "--lease-ttl", int),
+        coalesce_seconds=_number(args, "--coalesce-ms", float) / 1000,
+        status_interval=_number(args, "--status-interval-ms", float) / 1000,
+        reconcile_seconds=_number(args, "--reconcile-seconds", float),
+        health_port=_number(args, "--health-port", int),
+        target_schema=_number(args, "--target-schema", int),
+        log_level=str(args.log_level).upper(),
+        log_format=args.log_format,
+    )
+
+
+def agent_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The agent's flags; defaults from ``env`` (default: os.environ)."""
+    parser = _Parser(
+        prog="netfence-agent", description="Program this node's netfilter from Netfence's etcd model."
+    )
+    opt = _Options(parser, env)
+    opt.add("--node", "NODE", None, "this node's name")
+    opt.add("--netns", "NETNS", None, "program the netfilter of this network namespace (test beds); "
+            "default: the host's")
+    parser.add_argument("--no-ipv6", action="store_true", help="do not program ip6tables")
+    opt.add("--resync-seconds", "RESYNC_SECONDS", "60", "period of the drift check")
+    opt.add("--report-ttl", "REPORT_TTL", "10", "TTL in seconds of the node report's lease")
+    opt.add("--health-port", "HEALTH_PORT", "9099", "port of /healthz and /readyz")
+    opt.add("--health-host", "HEALTH_HOST", "127.0.0.1", "address of /healthz and /readyz")
+    opt.add("--max-schema", "MAX_SCHEMA", "2",
+            "newest etcd layout schema to read and report in schemaSupported (1: as agents before schema 2)")
+    opt.add("--disable-features", "DISABLE_FEATURES", "",
+            "comma-separated kernel feature ids to treat as missing (e.g. sctp-port-match)")
+    _add_etcd(opt)
+    _add_logging(opt)
+    return parser
 
 
 def load_agent_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> AgentConfig:
-    parser = argparse.ArgumentParser(
-        prog="netfence-agent", description="Program this node's netfilter from Netfence's etcd model."
-    )
-    parser.add_argument("--node", default=env_default("NODE", None, env), help="this node's name (env NETFENCE_NODE)")
-    parser.add_argument(
-        "--netns",
-        default=env_default("NETNS", None, env),
-        help="program the netfilter of this network namespace (test beds); default: the host's",
-    )
-    parser.add_argument("--no-ipv6", action="store_true", help="do not program ip6tables")
-    parser.add_argument("--resync-seconds", default=env_default("RESYNC_SECONDS", "60", env))
-    parser.add_argument("--report-ttl", default=env_default("REPORT_TTL", "10", env))
-    parser.add_argument("--health-port", default=env_default("HEALTH_PORT", "9099", env))
-    parser.add_argument("--health-host", default=env_default("HEALTH_HOST", "127.0.0.1", env))
-    parser.add_argument(
-        "--max-schema",
-        default=env_default("MAX_SCHEMA", "2", env),
-        help="newest etcd layout schema to read and report in schemaSupported (1: as agents before schema 2)",
-    )
-    add_etcd_arguments(parser, env)
-    add_logging_arguments(parser, env)
-    args = parser.parse_args(argv)
-    config = AgentConfig(
+    """The agent's configuration from ``argv`` (default: sys.argv) and ``env`` (default: os.environ)."""
+    args = agent_parser(env).parse_args(argv)
+    return AgentConfig(
         node=args.node or "",
-        etcd=etcd_from_args(args),
+        etcd=_etcd(args),
         netns=args.netns or None,
         ipv6=not args.no_ipv6,
-        resync_seconds=_number(args.resync_seconds, "resync seconds", float),
-        report_ttl=int(_number(args.report_ttl, "report TTL", int)),
-        health_port=int(_number(args.health_port, "health port", int)),
+        resync_seconds=_number(args, "--resync-seconds", float),
+        report_ttl=_number(args, "--report-ttl", int),
+        health_port=_number(args, "--health-port", int),
         health_host=args.health_host,
-        log_level=args.log_level,
+        log_level=str(args.log_level).upper(),
         log_format=args.log_format,
-        max_schema=int(_number(args.max_schema, "max schema", int)),
+        max_schema=_number(args, "--max-schema", int),
+        disable_features=tuple(f.strip() for f in str(args.disable_features or "").split(",") if f.strip()),
     )
-    config.validate()
-    return config

@@ -1,11 +1,12 @@
-"""Small helpers for integration tests: API objects and etcd reads, no fixtures."""
+"""Small helpers for integration tests: API objects, etcd reads, the controller's probe; no fixtures."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+import urllib.request
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from kubernetes_asyncio import client
@@ -13,6 +14,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from netfence.store.errors import StoreError
 from netfence.store.etcd import EtcdConfig, EtcdStore
+from netfence.testbed.process import ManagedProcess
 
 T = TypeVar("T")
 
@@ -102,3 +104,39 @@ async def etcd_values(store: EtcdStore) -> dict[str, Any]:
         except ValueError:
             out[key] = raw
     return out
+
+
+async def committed_through(store: EtcdStore, marks: Mapping[str, int], timeout: float = 30.0) -> int:
+    """A commit revision whose ``meta/observed`` covers ``marks`` (the controller has processed those writes)."""
+
+    async def check() -> int:
+        state = await store.committed_snapshot()
+        raw = state.values.get("meta/observed")
+        seen = json.loads(raw)["resourceVersions"] if raw else {}
+        return state.commit_revision if all(seen.get(k, 0) >= v for k, v in marks.items()) else 0
+
+    return await eventually(check, timeout=timeout, interval=0.05, what=f"a commit covering {dict(marks)}")
+
+
+def health_port(proc: ManagedProcess) -> int:
+    return int(next(a for a in proc.argv if a.startswith("--health-port=")).split("=", 1)[1])
+
+
+async def controller_probe(proc: ManagedProcess) -> dict[str, Any] | None:
+    """The controller's etcd probe from its health endpoint (``leader``, ``commitRevision``, ``lastError``).
+
+    None while it does not answer or reports itself unhealthy. Kopf caches probe results for
+    up to 10 s, so wait on this with a timeout well above that.
+    """
+    url = f"http://127.0.0.1:{health_port(proc)}/healthz"
+
+    def get() -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                body = json.loads(resp.read())
+        except (OSError, ValueError):  # not listening yet, an error status, not JSON
+            return None
+        probe = body.get("etcd") if isinstance(body, dict) else None
+        return probe if isinstance(probe, dict) else None
+
+    return await asyncio.to_thread(get)

@@ -7,7 +7,6 @@ good -> web is allowed, bad -> web is denied, both across nodes; node 0 enforces
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import re
@@ -25,17 +24,17 @@ import pytest
 from etcd3aio import Etcd3Client
 from tests.integration.enforcement_helpers import (
     ProbeLoop,
-    ProbeTally,
     World,
     agent_health,
     allow_from,
-    build_world,
     chain_rules,
     cps,
     drop_packets,
     in_netns,
     iptables_save,
+    namespace_of_test,
     report_revision,
+    running_world,
     store_of,
     wait_agent_serving,
 )
@@ -52,15 +51,8 @@ RESYNC_SECONDS = 2.0
 @pytest.fixture
 async def world(cluster: LocalCluster, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[World]:
     env = NetfenceEnv(cluster, tmp_path / "env", nodes=2, resync_seconds=RESYNC_SECONDS, report_ttl=4)
-    ns = "ag-" + hashlib.sha256(request.node.name.encode()).hexdigest()[:8]
-    await env.start()
-    try:
-        yield await build_world(env, ns)
-    finally:
-        try:
-            await env.delete_user_state()
-        finally:
-            await env.close()
+    async with running_world(env, namespace_of_test("ag", request)) as built:
+        yield built
 
 
 def stop_agent(env: NetfenceEnv, index: int, sig: int) -> None:
@@ -200,7 +192,7 @@ async def test_enforcement_never_lapses_across_20_agent_restarts(world: World) -
     restarts = 20
     started = time.monotonic()
     with ProbeLoop(world) as probes:
-        await eventually(lambda: _probed(probes, 3), what="probes running")
+        await eventually(lambda: probes.probed(3), what="probes running")
         for i in range(restarts):
             index = i % 2  # both nodes; each gets SIGTERM and SIGKILL
             sig = signal.SIGTERM if i % 4 < 2 else signal.SIGKILL
@@ -209,18 +201,12 @@ async def test_enforcement_never_lapses_across_20_agent_restarts(world: World) -
             env.start_agent(index)
             await wait_agent_serving(env, index, before)
         mark = probes.snapshot()
-        await eventually(lambda: _probed(probes, 3, mark), what="probes against the last agents")
+        await eventually(lambda: probes.probed(3, mark), what="probes against the last agents")
     tally = probes.snapshot()
     seconds = time.monotonic() - started
     assert tally.denied_connected == [], f"denied connections got through at {tally.denied_connected}"
     assert tally.allowed_failed == [], f"allowed connections failed at {tally.allowed_failed}"
     assert tally.allowed_ok >= restarts and tally.denied_blocked >= restarts, (tally, seconds)
-
-
-async def _probed(probes: ProbeLoop, n: int, since: ProbeTally | None = None) -> bool:
-    """Whether both pairs were probed at least ``n`` more times since ``since``."""
-    now, base = probes.snapshot(), since or ProbeTally()
-    return now.allowed_ok >= base.allowed_ok + n and now.denied_blocked >= base.denied_blocked + n
 
 
 # --- etcd outage and compaction -------------------------------------------------------------
@@ -230,7 +216,7 @@ async def test_etcd_outage_keeps_enforcing_and_recovers(world: World) -> None:
     env, ns = world.env, world.ns
     etcd = env.cluster.netfence_etcd
     with ProbeLoop(world) as probes:
-        await eventually(lambda: _probed(probes, 2), what="probes running")
+        await eventually(lambda: probes.probed(2), what="probes running")
         try:
             etcd.kill()
 
@@ -241,7 +227,7 @@ async def test_etcd_outage_keeps_enforcing_and_recovers(world: World) -> None:
             for index in env.agents:
                 await eventually(lambda i=index: stale(i), timeout=15, what=f"agent {index} to notice the outage")
             during = probes.snapshot()
-            await eventually(lambda: _probed(probes, 5, during), what="probes while etcd is down")
+            await eventually(lambda: probes.probed(5, during), what="probes while etcd is down")
             assert all(a.process.alive() for a in env.agents.values())
             readyz = await agent_health(env, 0, "/readyz")
             assert readyz is not None and readyz["etcdConnected"] is False

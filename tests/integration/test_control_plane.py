@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -59,14 +58,6 @@ def namespace(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator
     cluster.kubectl("create", "namespace", name)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false")
-
-
-@pytest.fixture
-def taken_port() -> Iterator[int]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield int(sock.getsockname()[1])
 
 
 def test_admin_kubeconfig_and_real_version(cluster: LocalCluster) -> None:
@@ -227,8 +218,9 @@ async def test_netfence_etcd_put_get_watch(cluster: LocalCluster) -> None:
                     return seen
             return seen
 
+        # The watch starts at the first put's revision, so it replays whatever was written since:
+        # the puts below need not wait for it to be established.
         task = asyncio.create_task(collect())
-        await asyncio.sleep(0.2)
         await client.kv.put("/netfence/test/key", "v2")
         await client.kv.put("/netfence/test/key", "v3")
         assert await asyncio.wait_for(task, timeout=10) == [b"v1", b"v2", b"v3"]

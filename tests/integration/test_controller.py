@@ -13,10 +13,20 @@ from typing import Any
 import pytest
 from etcd3aio import Etcd3Client
 from kubernetes_asyncio import client
-from tests.integration.helpers import etcd_values, eventually, make_namespace, make_pod, open_store, policy
+from tests.integration.helpers import (
+    committed_through,
+    controller_probe,
+    etcd_values,
+    eventually,
+    make_namespace,
+    make_pod,
+    open_store,
+    policy,
+)
 
 from netfence.testbed.cluster import LocalCluster
 from netfence.testbed.env import NetfenceEnv
+from netfence.testbed.process import ManagedProcess
 
 OWNED = ("policies/", "sets/", "endpoints/", "meta/", "commit")
 
@@ -147,9 +157,13 @@ async def test_restart_writes_nothing_and_removes_state_deleted_while_down(env: 
         proc.stop()
         before = await store.read_all()
         # A restart with nothing changed writes nothing.
-        env.start_controller("c1")
+        c1 = env.start_controller("c1")
         await eventually(lambda: _leader_is(store, "c1"), what="c1 leading", timeout=15)
-        await asyncio.sleep(1.5)
+        # The signal that c1 has reconciled: as the leader it reports the commit revision it
+        # found (a reconcile that wrote anything would report a later one).
+        probe = await eventually(lambda: _reconciled(c1, before.commit_revision), what="c1 to reconcile",
+                                 timeout=30, interval=0.2)
+        assert probe["commitRevision"] == before.commit_revision, probe
         after = await store.read_all()
         changed = {k for k in set(before.values) | set(after.values)
                    if k.startswith(OWNED) and before.values.get(k) != after.values.get(k)}
@@ -166,6 +180,12 @@ async def test_restart_writes_nothing_and_removes_state_deleted_while_down(env: 
         await eventually(removed, what="state of a policy deleted while down to be removed", timeout=20)
     finally:
         await store.close()
+
+
+async def _reconciled(proc: ManagedProcess, commit_revision: int) -> dict[str, Any] | None:
+    """The controller's probe once it leads and has caught up with ``commit_revision``."""
+    probe = await controller_probe(proc)
+    return probe if probe and probe["leader"] and probe["commitRevision"] >= commit_revision else None
 
 
 async def _leader_is(store: Any, identity: str) -> bool:
@@ -211,12 +231,18 @@ async def test_one_writer_and_failover_after_sigkill(env: NetfenceEnv) -> None:
         await eventually(lambda: _leader_is(store, "ctl-a"), what="ctl-a leading")
         env.start_controller("ctl-b")
         await eventually(lambda: _has(store, "policies/ha/web-from-db"), what="compiled state")
-        # Both run; only the leader writes: every commit marker names ctl-a.
+        # Both run; only the leader writes: every commit marker names ctl-a, including the new
+        # commit that covers the five changes below.
+        start = (await store.read_all()).revision
+        marks: dict[str, int] = {}
         for n in range(5):
-            await core.patch_namespaced_pod("db", "ha", {"metadata": {"labels": {"round": str(n)}}})
-        await asyncio.sleep(1.0)
-        commit = json.loads((await store.read_all()).values["commit"])
-        assert "ctl-a" in json.dumps(commit)
+            patched = await core.patch_namespaced_pod("db", "ha", {"metadata": {"labels": {"round": str(n)}}})
+            marks["pods"] = int(patched.metadata.resource_version)
+        covering = await committed_through(store, marks)
+        assert covering > start
+        writers = await _commit_writers(store, start, covering)
+        assert writers and writers[-1] == (covering, "ctl-a"), writers
+        assert {who for _, who in writers} == {"ctl-a"}, writers
         a.signal(signal.SIGKILL)
         killed = time.monotonic()
         await eventually(lambda: _leader_is(store, "ctl-b"), what="ctl-b to take over", timeout=15, interval=0.05)
@@ -232,6 +258,22 @@ async def test_one_writer_and_failover_after_sigkill(env: NetfenceEnv) -> None:
         await eventually(rewritten, what="the new leader to write the change")
     finally:
         await store.close()
+
+
+async def _commit_writers(store: Any, after: int, until: int) -> list[tuple[int, str]]:
+    """(revision, controller) of every commit marker written in (after, until]."""
+    found: list[tuple[int, str]] = []
+
+    async def collect() -> None:
+        async for revision, changes in store.watch_changes("commit", after, prefix=False):
+            raw = changes.get("commit")
+            if raw is not None:
+                found.append((revision, json.loads(raw)["controller"]))
+            if revision >= until:
+                return
+
+    await asyncio.wait_for(collect(), 10)
+    return found
 
 
 async def test_label_change_rewrites_only_affected_keys(env: NetfenceEnv) -> None:

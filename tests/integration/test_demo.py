@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from netfence.demo import PODS
 from netfence.testbed.cluster import read_state
-from netfence.testbed.runs import run_netns
+from netfence.testbed.runs import owner_path, podserver_pids, run_netns
 
 
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
@@ -32,6 +33,13 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert not (tmp_path / "demo" / "demo.json").exists()
     state = read_state(tmp_path / "demo" / "cluster")
     assert state is not None and state.running() == [], "the demo left control-plane processes running"
-    env_logs = list((tmp_path / "demo" / "env" / "fabric").glob("*")) if (tmp_path / "demo" / "env").exists() else []
-    prefixes = {p.name.split("-")[0] for p in env_logs if p.name.startswith("nf")}
-    assert all(run_netns(prefix) == [] for prefix in prefixes)
+    # The demo's pod servers logged to <prefix>-p<n>.log: that names its run, whose namespaces,
+    # pod servers and owner record must all be gone.
+    server_logs = sorted((tmp_path / "demo" / "env" / "fabric").glob("*-p*.log"))
+    assert len(server_logs) == len(PODS), f"expected a log per demo pod, found {server_logs}"
+    prefixes = {p.name.split("-")[0] for p in server_logs}
+    assert len(prefixes) == 1, prefixes
+    prefix = prefixes.pop()
+    assert run_netns(prefix) == [], f"the demo left network namespaces of run {prefix}"
+    assert podserver_pids(prefix) == {}, f"the demo left pod servers of run {prefix}"
+    assert not owner_path(prefix).exists(), f"the demo left the owner record of run {prefix}"

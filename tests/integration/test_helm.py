@@ -11,6 +11,16 @@
   ``helm test`` script passes/fails as it should with its own RBAC; upgrade
   reaches the API server (replicas, a new optional CRD field) and keeps the
   certificates; uninstall removes everything but what is kept on purpose.
+* priority: the agent, controller and etcd pods are admitted outside
+  kube-system by an API server that limits the critical priority classes
+  (ResourceQuota admission ``limitedResources``), thanks to the chart's quota;
+* guards: a changed ``etcd.replicas`` on an installed release, 0 controller
+  replicas and a too old Kubernetes are refused with a clear message;
+* metadata: the generated README is current and shown by ``helm show readme``,
+  image digests, overridable security contexts, version labels, NOTES.txt for
+  every combination of ``crds.keep`` and etcd persistence;
+* certificates: ``etcd.tls.method`` helm / certManager / existingSecret, and
+  the last two render byte-identical output every time (GitOps-safe).
 
 The session cluster has no kubelet, controllers or scheduler: Deployments
 never get pods, and nothing here needs them to.
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import os
 import re
@@ -43,9 +54,10 @@ from tests.unit.test_dockerfile import parse_dockerfile
 
 from netfence.store.errors import StoreError
 from netfence.store.etcd import EtcdConfig, EtcdStore
+from netfence.testbed.apiserver import KubeApiServer
 from netfence.testbed.cluster import LocalCluster
 from netfence.testbed.process import ManagedProcess, free_port
-from netfence.testbed.tools import Tools
+from netfence.testbed.tools import Tools, cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "netfence"
@@ -57,6 +69,10 @@ EXTERNAL = (
     "--set", "etcd.external.secretName=my-etcd-client",
 )
 THREE_MEMBERS = ("--set", "etcd.replicas=3", "--set", "etcd.persistence.enabled=false")
+CERT_MANAGER = ("--set", "etcd.tls.method=certManager")
+EXISTING_TLS = ("--set", "etcd.tls.method=existingSecret", "--set", "etcd.tls.existingSecret=my-server",
+                "--set", "etcd.tls.existingClientSecret=my-client")
+CERT_MANAGER_KINDS = ("Issuer", "Certificate")
 # Kinds that the chart must never create (beyond its hooks), listed to catch extras after install.
 NEVER = ("role.rbac.authorization.k8s.io", "rolebinding.rbac.authorization.k8s.io", "configmap", "pod",
          "job.batch", "persistentvolumeclaim")
@@ -228,17 +244,21 @@ def release(helm: Helm, cluster: LocalCluster, crd_guard: None) -> Iterator[Rele
 # --- lint, render, schema --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [(), EXTERNAL, THREE_MEMBERS], ids=["default", "external-etcd", "etcd-3"])
+@pytest.mark.parametrize("values", [(), EXTERNAL, THREE_MEMBERS, CERT_MANAGER, EXISTING_TLS],
+                         ids=["default", "external-etcd", "etcd-3", "cert-manager", "existing-secret"])
 def test_helm_lint_passes(helm: Helm, values: tuple[str, ...]) -> None:
     result = helm.run("lint", "--strict", str(CHART), *values)
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("values", [(), EXTERNAL, THREE_MEMBERS], ids=["default", "external-etcd", "etcd-3"])
+@pytest.mark.parametrize("values", [(), EXTERNAL, THREE_MEMBERS, CERT_MANAGER, EXISTING_TLS],
+                         ids=["default", "external-etcd", "etcd-3", "cert-manager", "existing-secret"])
 def test_rendered_manifest_is_accepted_by_the_api_server(
     helm: Helm, cluster: LocalCluster, namespace: str, values: tuple[str, ...]
 ) -> None:
-    docs = helm.template("dry", namespace, *values)
+    # cert-manager's kinds are not served here (no cert-manager); test_tls_method_cert_manager checks them.
+    docs = [d for d in helm.template("dry", namespace, *values)
+            if d["apiVersion"].split("/")[0] != "cert-manager.io"]
     manifest = "\n---\n".join(yaml.safe_dump(d) for d in docs)
     result = cluster.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", namespace, "-f", "-",
                              input=manifest, timeout=120)
@@ -736,3 +756,459 @@ def test_uninstall_removes_everything_but_what_is_kept(
     assert "helm.sh/resource-policy: keep" in install_doc
     assert f"kubectl delete pvc -n <namespace> -l {INSTANCE}=<release>" in install_doc
 
+
+
+# --- priority: critical pods admitted outside kube-system (issue 14, point 3) ------------------
+
+CRITICAL = ("system-node-critical", "system-cluster-critical")
+# The API server's ResourceQuota admission limiting the critical classes to namespaces with a
+# covering quota, as GKE configures it (kubernetes.io/docs/concepts/policy/resource-quotas,
+# "Limit Priority Class consumption by default").
+LIMITED_PRIORITY_ADMISSION = {
+    "apiVersion": "apiserver.config.k8s.io/v1",
+    "kind": "AdmissionConfiguration",
+    "plugins": [{
+        "name": "ResourceQuota",
+        "configuration": {
+            "apiVersion": "apiserver.config.k8s.io/v1",
+            "kind": "ResourceQuotaConfiguration",
+            "limitedResources": [{
+                "resource": "pods",
+                "matchScopes": [{"scopeName": "PriorityClass", "operator": "In", "values": list(CRITICAL)}],
+            }],
+        },
+    }],
+}
+
+
+def quota_scope(quota: dict[str, Any]) -> list[str]:
+    [expr] = quota["spec"]["scopeSelector"]["matchExpressions"]
+    assert (expr["scopeName"], expr["operator"]) == ("PriorityClass", "In")
+    return list(expr["values"])
+
+
+def test_priority_classes_and_the_critical_pods_quota(helm: Helm) -> None:
+    docs = helm.template("t", "nf")
+    classes = {kind: find(docs, kind)["spec"]["template"]["spec"].get("priorityClassName")
+               for kind in ("DaemonSet", "Deployment", "StatefulSet")}
+    assert classes == {"DaemonSet": "system-node-critical", "Deployment": "system-cluster-critical",
+                       "StatefulSet": "system-cluster-critical"}
+    quota = find(docs, "ResourceQuota", "-critical-pods")
+    assert quota["metadata"]["namespace"] == "nf"
+    assert sorted(quota_scope(quota)) == sorted(CRITICAL)
+    assert quota["spec"]["hard"] == {"pods": "10000"}
+    # Overridable; the quota follows the classes the pods use.
+    docs = helm.template("t", "nf", "--set", "controller.priorityClassName=netfence-high",
+                         "--set", "etcd.priorityClassName=", "--set", "priority.criticalPodsQuota.pods=50")
+    assert container(find(docs, "Deployment"))  # rendered
+    assert find(docs, "Deployment")["spec"]["template"]["spec"]["priorityClassName"] == "netfence-high"
+    assert "priorityClassName" not in find(docs, "StatefulSet")["spec"]["template"]["spec"]
+    quota = find(docs, "ResourceQuota")
+    assert quota_scope(quota) == ["netfence-high", "system-node-critical"]
+    assert quota["spec"]["hard"] == {"pods": "50"}
+    # External etcd: its class is not the chart's business.
+    assert sorted(quota_scope(find(helm.template("t", "nf", *EXTERNAL), "ResourceQuota"))) == sorted(CRITICAL)
+    # No quota when disabled, or when no pod has a priority class.
+    assert not [d for d in helm.template("t", "nf", "--set", "priority.criticalPodsQuota.enabled=false")
+                if d["kind"] == "ResourceQuota"]
+    none = ("--set", "agent.priorityClassName=", "--set", "controller.priorityClassName=",
+            "--set", "etcd.priorityClassName=")
+    assert not [d for d in helm.template("t", "nf", *none) if d["kind"] == "ResourceQuota"]
+
+
+class LimitedPriorityApiServer(KubeApiServer):
+    """A second kube-apiserver (own etcd prefix) whose ResourceQuota admission limits the critical classes."""
+
+    def __init__(self, *args: Any, admission_config: Path, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.admission_config = admission_config
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), f"--admission-control-config-file={self.admission_config}"]
+
+
+@dataclass(frozen=True)
+class Kubectl:
+    binary: Path
+    kubeconfig: Path
+
+    def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(self.binary), f"--kubeconfig={self.kubeconfig}", *args], input=input,
+                                capture_output=True, text=True, timeout=60, check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+        return result
+
+
+@pytest.fixture(scope="module")
+def limited_priority_api(cluster: LocalCluster, tools: Tools,
+                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kubectl]:
+    work = tmp_path_factory.mktemp("limited-priority-api")
+    config = work / "admission.yaml"
+    config.write_text(yaml.safe_dump(LIMITED_PRIORITY_ADMISSION))
+    assert cluster.api_etcd is not None
+    server = LimitedPriorityApiServer(
+        tools.kube_apiserver, work, cluster.api_etcd.url, pki=cluster.apiserver.pki,
+        name="kube-apiserver-limited-priority", etcd_prefix=f"/registry-limited-{uuid.uuid4().hex[:8]}",
+        admission_config=config,
+    )
+    server.start(timeout=120)
+    try:
+        yield Kubectl(tools.kubectl, server.kubeconfig)
+    finally:
+        server.stop()
+
+
+def pod_of(workload: dict[str, Any], name: str) -> dict[str, Any]:
+    """The Pod the workload's controller would create (there is none here), with its template's spec."""
+    template = workload["spec"]["template"]
+    spec = dict(template["spec"])
+    for claim in workload["spec"].get("volumeClaimTemplates", []):
+        claim_name = claim["metadata"]["name"]
+        spec["volumes"] = [*spec.get("volumes", []),
+                           {"name": claim_name, "persistentVolumeClaim": {"claimName": f"{claim_name}-{name}"}}]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": workload["metadata"]["namespace"],
+                         "labels": template["metadata"]["labels"]},
+            "spec": spec}
+
+
+def test_critical_pods_are_admitted_outside_kube_system_with_the_chart_quota(
+    helm: Helm, limited_priority_api: Kubectl
+) -> None:
+    kubectl = limited_priority_api
+    ns = f"netfence-prio-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", ns)
+    docs = helm.template("prio", ns)
+    pods = {kind: pod_of(find(docs, kind), f"prio-{kind.lower()}-0")
+            for kind in ("DaemonSet", "Deployment", "StatefulSet")}
+    # This API server limits the critical classes: without the quota the agent is refused.
+    refused = kubectl("create", "-f", "-", input=json.dumps(pods["DaemonSet"]), check=False)
+    assert refused.returncode != 0, refused.stdout
+    assert "insufficient quota to match these scopes" in refused.stderr, refused.stderr
+    assert "PriorityClass" in refused.stderr and "system-node-critical" in refused.stderr
+
+    quota = find(docs, "ResourceQuota")
+    kubectl("create", "-f", "-", input=json.dumps(quota))
+    # What the quota controller (not running here) would write: the quota is known and nothing used.
+    kubectl("patch", "resourcequota", quota["metadata"]["name"], "-n", ns, "--subresource=status",
+            "--type=merge", "-p", json.dumps({"status": {"hard": quota["spec"]["hard"], "used": {"pods": "0"}}}))
+    priorities = {}
+    for kind, pod in pods.items():
+        created = json.loads(kubectl("create", "-f", "-", "-o", "json", input=json.dumps(pod)).stdout)
+        priorities[kind] = (created["spec"]["priorityClassName"], created["spec"]["priority"])
+    # The Priority admission resolved the built-in classes.
+    assert priorities == {"DaemonSet": ("system-node-critical", 2000001000),
+                          "Deployment": ("system-cluster-critical", 2000000000),
+                          "StatefulSet": ("system-cluster-critical", 2000000000)}
+    used = json.loads(kubectl("get", "resourcequota", quota["metadata"]["name"], "-n", ns, "-o", "json").stdout)
+    assert used["status"]["used"]["pods"] == "3"
+    # A pod of another namespace without the quota is still refused: the quota is per namespace.
+    other = f"{ns}-other"
+    kubectl("create", "namespace", other)
+    stray = pods["DaemonSet"] | {"metadata": {"name": "stray", "namespace": other}}
+    assert kubectl("create", "-f", "-", input=json.dumps(stray), check=False).returncode != 0
+
+
+# --- guards (issue 14, point 4) ----------------------------------------------------------------
+
+
+def test_zero_controller_replicas_needs_allow_zero(helm: Helm) -> None:
+    result = helm.run("template", "t", str(CHART), "--set", "controller.replicas=0", check=False)
+    assert result.returncode != 0
+    assert "controller.replicas is 0: no controller would run" in result.stderr, result.stderr
+    assert "controller.allowZero=true" in result.stderr
+    docs = helm.template("t", "nf", "--set", "controller.replicas=0", "--set", "controller.allowZero=true")
+    assert find(docs, "Deployment")["spec"]["replicas"] == 0
+    assert not [d for d in docs if d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"].endswith("-controller")]
+
+
+def test_chart_declares_the_kubernetes_versions_it_supports(helm: Helm, cluster: LocalCluster) -> None:
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert meta["kubeVersion"] == ">=1.25.0-0"
+    assert "Kubernetes ≥ 1.25" in (REPO / "docs" / "install.md").read_text()
+    old = helm.run("template", "t", str(CHART), "--kube-version", "1.24.17", check=False)
+    assert old.returncode != 0
+    assert "chart requires kubeVersion: >=1.25.0-0 which is incompatible with Kubernetes v1.24.17" in old.stderr
+    for version in ("1.25.0", "1.30.2-gke.1587003", "1.35.4"):
+        assert helm.template("t", "nf", "--kube-version", version)
+    # The real API server's version is accepted (what `helm install` checks).
+    server = json.loads(cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
+    assert helm.template("t", "nf", "--kube-version", server)
+
+
+def test_changing_etcd_replicas_of_an_installed_release_is_refused(
+    helm: Helm, cluster: LocalCluster, namespace: str
+) -> None:
+    rel = "nfg"
+    sts = f"{rel}-netfence-etcd"
+    base = ("--set", "crds.install=false", "--set", "etcd.persistence.enabled=false")
+    helm.run("install", rel, str(CHART), "--namespace", namespace, *base)
+    try:
+        before = kubectl_json(cluster, "get", "statefulset", sts, "-n", namespace)
+        message = (f"etcd.replicas cannot change on an existing release: StatefulSet {namespace}/{sts} runs "
+                   "1 member(s)")
+        attempts = {
+            "upgrade": ("upgrade", rel, str(CHART), "-n", namespace, "--reuse-values", "--set", "etcd.replicas=3"),
+            "upgrade --dry-run=server": ("upgrade", rel, str(CHART), "-n", namespace, "--reuse-values",
+                                         "--set", "etcd.replicas=3", "--dry-run=server"),
+            "template --dry-run=server": ("template", rel, str(CHART), "-n", namespace, *base,
+                                          "--set", "etcd.replicas=3", "--dry-run=server"),
+        }
+        for what, argv in attempts.items():
+            result = helm.run(*argv, check=False)
+            assert result.returncode != 0, (what, result.stdout[-500:])
+            assert message in result.stderr, (what, result.stderr)
+            assert "etcd.replicas is now 3" in result.stderr and "Keep etcd.replicas=1" in result.stderr
+        after = kubectl_json(cluster, "get", "statefulset", sts, "-n", namespace)
+        assert after["spec"] == before["spec"]
+        history = json.loads(helm.run("history", rel, "-n", namespace, "-o", "json").stdout)
+        assert [h["status"] for h in history] == ["deployed"]
+        # An upgrade that keeps the member count passes the guard.
+        helm.run("upgrade", rel, str(CHART), "-n", namespace, "--reuse-values", "--set", "controller.replicas=1")
+        history = json.loads(helm.run("history", rel, "-n", namespace, "-o", "json").stdout)
+        assert [h["status"] for h in history] == ["superseded", "deployed"]
+        assert kubectl_json(cluster, "get", "statefulset", sts, "-n", namespace)["spec"]["replicas"] == 1
+    finally:
+        helm.run("uninstall", rel, "--namespace", namespace, check=False)
+    # A fresh install (nothing to look up) may choose either member count.
+    assert find(helm.template(rel, namespace, "--set", "etcd.replicas=3", "--dry-run=server"),
+                "StatefulSet")["spec"]["replicas"] == 3
+
+
+# --- chart metadata (issue 14, point 6) --------------------------------------------------------
+
+
+def test_chart_readme_is_generated_current_and_shown(helm: Helm, tools: Tools, tmp_path: Path) -> None:
+    check = subprocess.run(["bash", str(REPO / "hack" / "chart-readme.sh"), "--check"],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-2000:]
+    assert (cache_dir() / "bin" / "helm-docs").exists()
+    # The packaged chart carries it: `helm show readme` is the README.
+    helm.run("package", str(CHART), "--destination", str(tmp_path))
+    [package] = tmp_path.glob("netfence-*.tgz")
+    shown = helm.run("show", "readme", str(package)).stdout
+    assert shown.strip() == (CHART / "README.md").read_text().strip()
+    assert "## Values" in shown and "| etcd.tls.method |" in shown
+    meta = yaml.safe_load(helm.run("show", "chart", str(package)).stdout)
+    assert meta["icon"].startswith("https://") and meta["icon"].endswith("/helm/netfence/icon.svg")
+
+
+def test_image_digests(helm: Helm) -> None:
+    digest = "sha256:" + "ab" * 32
+    docs = helm.template("t", "nf", "--set", f"controller.image.digest={digest}",
+                         "--set", f"agent.image.digest={digest}", "--set", f"etcd.image.digest={digest}",
+                         "--set", "agent.image.tag=9.9.9")
+    assert container(find(docs, "Deployment"))["image"] == f"ghcr.io/netfence/netfence-controller@{digest}"
+    assert container(find(docs, "DaemonSet"))["image"] == f"ghcr.io/netfence/netfence-agent@{digest}"
+    assert container(find(docs, "StatefulSet"))["image"] == f"registry.k8s.io/etcd@{digest}"
+    hook = next(d for d in docs if d["kind"] == "Pod" and is_hook(d))
+    assert hook["spec"]["containers"][0]["image"] == f"ghcr.io/netfence/netfence-controller@{digest}"
+    # Only the digest moves: without one, each image keeps its tag.
+    docs = helm.template("t", "nf", "--set", f"agent.image.digest={digest}")
+    assert container(find(docs, "StatefulSet"))["image"] == "registry.k8s.io/etcd:3.5.21-0"
+    bad = helm.run("template", "t", str(CHART), "--set", "agent.image.digest=latest", check=False)
+    assert bad.returncode != 0 and "at '/agent/image/digest'" in bad.stderr, bad.stderr
+
+
+DEFAULT_SECURITY = {
+    "Deployment": ({"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                    "seccompProfile": {"type": "RuntimeDefault"}},
+                   {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "privileged": False,
+                    "capabilities": {"drop": ["ALL"]}}),
+    "DaemonSet": ({"seccompProfile": {"type": "RuntimeDefault"}},
+                  {"runAsUser": 0, "runAsNonRoot": False, "privileged": False, "allowPrivilegeEscalation": False,
+                   "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}}),
+    "StatefulSet": ({"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
+                     "seccompProfile": {"type": "RuntimeDefault"}},
+                    {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "privileged": False,
+                     "capabilities": {"drop": ["ALL"]}}),
+}
+
+
+def test_security_contexts_default_to_todays_and_can_be_overridden(
+    helm: Helm, cluster: LocalCluster, namespace: str
+) -> None:
+    docs = helm.template("t", "nf")
+    for kind, (pod_sc, ctr_sc) in DEFAULT_SECURITY.items():
+        workload = find(docs, kind)
+        assert workload["spec"]["template"]["spec"]["securityContext"] == pod_sc, kind
+        assert container(workload)["securityContext"] == ctr_sc, kind
+    # OpenShift's restricted SCC assigns uid, gid and fsGroup itself: null them.
+    openshift = [a for key in ("runAsUser", "runAsGroup", "fsGroup") for component in ("controller", "etcd")
+                 for a in ("--set", f"{component}.podSecurityContext.{key}=null")]
+    docs = helm.template("t", namespace, *openshift, "--set", "agent.securityContext.readOnlyRootFilesystem=false")
+    for kind in ("Deployment", "StatefulSet"):
+        pod_sc = find(docs, kind)["spec"]["template"]["spec"]["securityContext"]
+        assert pod_sc == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}, kind
+    assert container(find(docs, "DaemonSet"))["securityContext"]["readOnlyRootFilesystem"] is False
+    hook = next(d for d in docs if d["kind"] == "Pod" and is_hook(d))
+    assert hook["spec"]["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    # The API server accepts the overridden workloads.
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet")]
+    manifest = "\n---\n".join(yaml.safe_dump(d) for d in workloads)
+    cluster.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", namespace, "-f", "-", input=manifest)
+
+
+def test_version_labels_follow_the_image_tags(helm: Helm) -> None:
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    version = "app.kubernetes.io/version"
+
+    def versions(docs: list[dict[str, Any]], kind: str) -> tuple[str, str]:
+        workload = find(docs, kind)
+        assert version not in workload["spec"]["selector"]["matchLabels"]  # selectors never change
+        return workload["metadata"]["labels"][version], workload["spec"]["template"]["metadata"]["labels"][version]
+
+    docs = helm.template("t", "nf")
+    assert versions(docs, "Deployment") == (app_version, app_version)
+    assert versions(docs, "DaemonSet") == (app_version, app_version)
+    assert versions(docs, "StatefulSet") == ("3.5.21-0", "3.5.21-0")
+    docs = helm.template("t", "nf", "--set", "controller.image.tag=1.2.3-rc.1", "--set", "agent.image.tag=v2+build.7")
+    assert versions(docs, "Deployment") == ("1.2.3-rc.1", "1.2.3-rc.1")
+    assert find(docs, "Service", "-controller")["metadata"]["labels"][version] == "1.2.3-rc.1"
+    assert versions(docs, "DaemonSet") == ("v2_build.7", "v2_build.7")  # "+" is not allowed in a label value
+    assert find(docs, "CustomResourceDefinition")["metadata"]["labels"][version] == app_version
+
+
+def notes(helm: Helm, namespace: str, *values: str) -> str:
+    out = helm.run("install", "notes", str(CHART), "-n", namespace, "--dry-run=server", *values).stdout
+    return out.split("NOTES:\n", 1)[1]
+
+
+@pytest.mark.parametrize(("keep", "persistence", "crds", "external"),
+                         [(*combo, True, False) for combo in itertools.product([True, False], repeat=2)]
+                         + [(True, True, False, False), (True, True, True, True), (False, True, True, True)],
+                         ids=lambda v: str(v).lower())
+def test_notes_are_correct_for_every_combination(
+    helm: Helm, namespace: str, keep: bool, persistence: bool, crds: bool, external: bool
+) -> None:
+    values = ["--set", f"crds.keep={str(keep).lower()}", "--set", f"crds.install={str(crds).lower()}",
+              "--set", f"etcd.persistence.enabled={str(persistence).lower()}"]
+    if external:
+        values += list(EXTERNAL)
+    text = notes(helm, namespace, *values)
+    kept = []
+    if crds and keep:
+        kept.append("the ClusterPolicyStatus CRD (and every ClusterPolicyStatus)")
+    if persistence and not external:
+        kept.append("the etcd volumes (PVCs data-notes-netfence-etcd-N)")
+    if kept:
+        assert f"`helm uninstall` keeps {' and '.join(kept)} on purpose; see docs/install.md." in text, text
+    else:
+        assert "`helm uninstall` removes every object of the release; nothing is kept." in text, text
+    assert ("crds.keep=false: uninstalling deletes the ClusterPolicyStatus CRD" in text) == (crds and not keep)
+    assert ("WARNING: etcd.persistence.enabled=false" in text) == (not persistence and not external)
+    assert ("crds.install=false" in text) == (not crds)
+    # Well-formed: no empty subject, no doubled words or spaces, every sentence ends.
+    for line in text.splitlines():
+        assert "  " not in line.strip(), line
+        assert not re.search(r"\b(keeps|and) (and|on purpose)\b", line), line
+        assert "()" not in line and " ." not in line, line
+    assert text.startswith("Netfence ") and "\n\netcd: " in text and "\n\n`helm uninstall`" in text
+
+
+# --- certificates: etcd.tls.method (issue 14, point 2) -----------------------------------------
+
+
+def test_tls_method_helm_generates_secrets_and_is_not_deterministic(helm: Helm) -> None:
+    first, second = (helm.run("template", "t", str(CHART), "-n", "nf").stdout for _ in range(2))
+    # Documented: without the cluster, `lookup` finds nothing and every render makes a new CA.
+    assert first != second
+    docs = [d for d in yaml.safe_load_all(first) if d]
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"} == {
+        "t-netfence-etcd-server-tls", "t-netfence-etcd-client-tls"}
+    assert not [d for d in docs if d["kind"] in CERT_MANAGER_KINDS]
+    assert "checksum/etcd-client-tls" in find(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+
+
+@pytest.mark.parametrize("values", [CERT_MANAGER, EXISTING_TLS, (*CERT_MANAGER, *THREE_MEMBERS),
+                                    (*CERT_MANAGER, "--set", "etcd.tls.certManager.issuerRef.kind=ClusterIssuer",
+                                     "--set", "etcd.tls.certManager.issuerRef.name=corp-ca")],
+                         ids=["cert-manager", "existing-secret", "cert-manager-3", "cert-manager-issuer"])
+def test_gitops_tls_methods_render_byte_identical_output(helm: Helm, values: tuple[str, ...]) -> None:
+    runs = [helm.run("template", "t", str(CHART), "-n", "nf", *values).stdout for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert "BEGIN CERTIFICATE" not in runs[0] and "checksum/" not in runs[0]
+    docs = [d for d in yaml.safe_load_all(runs[0]) if d]
+    assert not [d for d in docs if d["kind"] == "Secret"]
+
+
+def certificates(docs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "Certificate"}
+
+
+def test_tls_method_cert_manager(helm: Helm) -> None:
+    docs = helm.template("t", "nf", *CERT_MANAGER, "--set", "etcd.replicas=3")
+    for d in docs:
+        if d["kind"] in CERT_MANAGER_KINDS:
+            assert d["apiVersion"] == "cert-manager.io/v1" and d["metadata"]["namespace"] == "nf"
+    issuers = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Issuer"}
+    assert issuers == {"t-netfence-etcd-selfsigned": {"selfSigned": {}},
+                       "t-netfence-etcd-ca": {"ca": {"secretName": "t-netfence-etcd-ca"}}}
+    certs = certificates(docs)
+    assert set(certs) == {"t-netfence-etcd-ca", "t-netfence-etcd-server-tls", "t-netfence-etcd-client-tls"}
+    ca = certs["t-netfence-etcd-ca"]["spec"]
+    assert ca["isCA"] is True and ca["secretName"] == "t-netfence-etcd-ca"
+    assert ca["issuerRef"] == {"group": "cert-manager.io", "kind": "Issuer", "name": "t-netfence-etcd-selfsigned"}
+    server, client = certs["t-netfence-etcd-server-tls"]["spec"], certs["t-netfence-etcd-client-tls"]["spec"]
+    for spec in (server, client):
+        assert spec["issuerRef"] == {"group": "cert-manager.io", "kind": "Issuer", "name": "t-netfence-etcd-ca"}
+        assert spec["duration"] == "2160h" and spec["renewBefore"] == "720h"
+        assert spec["privateKey"]["rotationPolicy"] == "Always"
+    assert {"server auth", "client auth"} <= set(server["usages"])  # etcd peers are clients of each other
+    assert "server auth" not in client["usages"] and "client auth" in client["usages"]
+    # The pods mount exactly the Secrets cert-manager writes.
+    sts = find(docs, "StatefulSet")
+    [tls] = [v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+    assert tls["secret"]["secretName"] == server["secretName"] == "t-netfence-etcd-server-tls"
+    for kind in ("Deployment", "DaemonSet"):
+        [vol] = [v for v in find(docs, kind)["spec"]["template"]["spec"]["volumes"] if v["name"] == "etcd-client-tls"]
+        assert vol["secret"]["secretName"] == client["secretName"] == "t-netfence-etcd-client-tls"
+        # A renewal must not roll the pods: no checksum of the certificate.
+        annotations = find(docs, kind)["spec"]["template"]["metadata"].get("annotations") or {}
+        assert not [a for a in annotations if a.startswith("checksum/")]
+    # The same names as the certificates the helm method generates (which test_generated_certificates_* runs).
+    generated = write_secret_names(helm)
+    assert set(server["dnsNames"]) == generated
+    assert server["ipAddresses"] == ["127.0.0.1"]
+    # The client Service and every --initial-cluster peer host are covered.
+    host = flags(container(find(docs, "Deployment"))["args"])["--etcd-endpoints"].rsplit(":", 1)[0]
+    assert host in server["dnsNames"]
+    for member in flags(container(sts)["args"])["--initial-cluster"].split(","):
+        peer = member.split("=", 1)[1].removeprefix("https://").rsplit(":", 1)[0]
+        assert "*." + peer.split(".", 1)[1] in server["dnsNames"], peer
+    # Your own issuer instead of the chart's CA.
+    docs = helm.template("t", "nf", *CERT_MANAGER, "--set", "etcd.tls.certManager.issuerRef.kind=ClusterIssuer",
+                         "--set", "etcd.tls.certManager.issuerRef.name=corp-ca")
+    assert not [d for d in docs if d["kind"] == "Issuer"]
+    certs = certificates(docs)
+    assert set(certs) == {"t-netfence-etcd-server-tls", "t-netfence-etcd-client-tls"}
+    for cert in certs.values():
+        assert cert["spec"]["issuerRef"] == {"group": "cert-manager.io", "kind": "ClusterIssuer", "name": "corp-ca"}
+
+
+def write_secret_names(helm: Helm) -> set[str]:
+    """DNS names of the server certificate the helm method generates."""
+    secret = find(helm.template("t", "nf", "--set", "etcd.replicas=3"), "Secret", "-server-tls")
+    out = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName"], input=b64(secret, "tls.crt"),
+                         capture_output=True, check=True).stdout.decode()
+    return set(re.findall(r"DNS:([^,\s]+)", out))
+
+
+def test_tls_method_existing_secret(helm: Helm) -> None:
+    docs = helm.template("t", "nf", *EXISTING_TLS)
+    assert not [d for d in docs if d["kind"] in ("Secret", *CERT_MANAGER_KINDS)]
+    [tls] = [v for v in find(docs, "StatefulSet")["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+    assert tls["secret"]["secretName"] == "my-server"
+    for kind in ("Deployment", "DaemonSet"):
+        [vol] = [v for v in find(docs, kind)["spec"]["template"]["spec"]["volumes"] if v["name"] == "etcd-client-tls"]
+        assert vol["secret"]["secretName"] == "my-client"
+    # Naming Secrets without choosing the method, or the method without the Secrets, is refused.
+    for values, message in (
+        (("--set", "etcd.tls.existingSecret=a", "--set", "etcd.tls.existingClientSecret=b"),
+         "at '/etcd/tls/method': value must be 'existingSecret'"),
+        (("--set", "etcd.tls.method=existingSecret"), "at '/etcd/tls/existingSecret': minLength: got 0, want 1"),
+        (("--set", "etcd.tls.method=vault"), "at '/etcd/tls/method': value must be one of"),
+    ):
+        result = helm.run("template", "t", str(CHART), *values, check=False)
+        assert result.returncode != 0 and message in result.stderr, (values, result.stderr)

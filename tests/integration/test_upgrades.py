@@ -17,20 +17,27 @@ import asyncio
 import contextlib
 import json
 import signal
-import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from kubernetes_asyncio import client, config
-from tests.integration.enforcement_helpers import connects
-from tests.integration.helpers import eventually, open_store
+from tests.integration.enforcement_helpers import (
+    Layout,
+    Pair,
+    ProbeLoop,
+    World,
+    allow_from,
+    allow_from_spec,
+    build_world,
+    probes_hold,
+)
+from tests.integration.helpers import committed_through, controller_probe, eventually, open_store
 
 from netfence.model.compiler import compile_world
 from netfence.model.policy import policy_from_k8s
@@ -40,66 +47,31 @@ from netfence.store import migration as M
 from netfence.store.etcd import EtcdStore
 from netfence.testbed.cluster import LocalCluster
 from netfence.testbed.env import NetfenceEnv
-from netfence.testbed.kubelet import PodHandle
-from netfence.testbed.probe import Probe, Prober
 from netfence.testbed.process import ManagedProcess
 
-PORT = 80
 REPO = Path(__file__).resolve().parents[2]
 OLD_CRD = Path(__file__).parent / "fixtures" / "clusterpolicystatus-v1alpha1.yaml"
 NEW_CRD = REPO / "crds" / "clusterpolicystatus.yaml"
 MODEL_PREFIXES = ("policies/", "sets/", "sets2/", "endpoints/")
+WEB, GOOD = {"app": "web"}, {"role": "good"}
 
 
 # --- the world -------------------------------------------------------------------------------
 
 
-def allow_web_from_good(ns: str, name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"namespace": ns, "name": name},
-        "spec": {
-            "podSelector": {"matchLabels": {"app": "web"}},
-            "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "good"}}}],
-                         "ports": [{"port": PORT, "protocol": "TCP"}]}],
-        },
-    }
+UPGRADE_WORLD = Layout(
+    pods=(("web0", WEB, 0), ("good0", GOOD, 0), ("bad0", {"role": "bad"}, 0),
+          ("web1", WEB, 1), ("good1", GOOD, 1), ("bad1", {"role": "bad"}, 1),
+          ("spare", {"role": "spare"}, 1)),
+    policies=(("web-from-good", allow_from_spec(WEB, GOOD)),),
+    pairs=(Pair("good1->web0", "good1", "web0", True), Pair("good0->web1", "good0", "web1", True),
+           Pair("bad1->web0", "bad1", "web0", False), Pair("bad0->web1", "bad0", "web1", False)),
+)
 
 
-@dataclass
-class World:
-    env: NetfenceEnv
-    ns: str
-    pods: dict[str, PodHandle]
-    marks: dict[str, int] = field(default_factory=dict)
-
-    def mark(self, result: tuple[str, int]) -> None:
-        self.marks[result[0]] = max(self.marks.get(result[0], 0), result[1])
-
-    def pairs(self) -> list[tuple[str, PodHandle, PodHandle, bool]]:
-        p = self.pods
-        return [
-            ("good1->web0", p["good1"], p["web0"], True),
-            ("good0->web1", p["good0"], p["web1"], True),
-            ("bad1->web0", p["bad1"], p["web0"], False),
-            ("bad0->web1", p["bad0"], p["web1"], False),
-        ]
-
-
-async def build_world(env: NetfenceEnv) -> World:
-    """Create the namespace, pods and the policy (no controller needed yet)."""
-    assert env.kubelet is not None
-    ns = f"upg-{uuid.uuid4().hex[:6]}"
-    world = World(env, ns, {})
-    world.mark(await env.ensure_namespace(ns, {"name": ns}))
-    layout = [("web0", {"app": "web"}, 0), ("good0", {"role": "good"}, 0), ("bad0", {"role": "bad"}, 0),
-              ("web1", {"app": "web"}, 1), ("good1", {"role": "good"}, 1), ("bad1", {"role": "bad"}, 1),
-              ("spare", {"role": "spare"}, 1)]
-    for name, labels, node in layout:
-        world.mark(await env.create_pod(ns, name, labels, [(PORT, "TCP")], node))
-        world.pods[name] = env.kubelet.pod(ns, name)
-    world.mark(await env.apply_manifest(allow_web_from_good(ns, "web-from-good")))
-    return world
+async def upgrade_world(env: NetfenceEnv) -> World:
+    """Create the namespace, pods and the policy (no controller needed yet: not waited for)."""
+    return await build_world(env, f"upg-{uuid.uuid4().hex[:6]}", UPGRADE_WORLD, enforced=False)
 
 
 @pytest.fixture
@@ -117,75 +89,10 @@ async def env(cluster: LocalCluster, tmp_path: Path) -> AsyncIterator[NetfenceEn
 # --- continuous probes -------------------------------------------------------------------------
 
 
-class Probes:
-    """One thread per pair, probing until stopped: allowed pairs do a full exchange (a
-    reply within 3 s), denied pairs must never complete a TCP handshake (0.5 s)."""
-
-    def __init__(self, world: World, period: float = 0.2) -> None:
-        self.world = world
-        self.period = period
-        self.prober = Prober()
-        self.counts: dict[str, int] = {}
-        self.violations: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=pair, daemon=True, name=f"probe-{pair[0]}")
-                         for pair in world.pairs()]
-        self._started = 0.0
-
-    def _run(self, name: str, src: PodHandle, dst: PodHandle, allowed: bool) -> None:
-        while not self._stop.is_set():
-            began = time.monotonic()
-            if allowed:
-                ok = self.prober.exchange(Probe(src.netns, dst.ip, PORT), timeout=3.0) is not None
-            else:
-                ok = not connects(self.prober, src.netns, dst.ip, PORT, timeout=0.5)
-            with self._lock:
-                self.counts[name] = self.counts.get(name, 0) + 1
-                if not ok:
-                    what = "allowed connection failed" if allowed else "denied connection succeeded"
-                    self.violations.append(f"{name}: {what} at +{began - self._started:.2f}s")
-            self._stop.wait(max(0.0, self.period - (time.monotonic() - began)))
-
-    def __enter__(self) -> Probes:
-        self._started = time.monotonic()
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=10)
-
-    async def rounds(self, n: int, timeout: float = 60.0) -> None:
-        """Until every pair has been probed ``n`` more times (the probes' own progress, not a sleep)."""
-        with self._lock:
-            start = dict(self.counts)
-
-        async def done() -> bool:
-            with self._lock:
-                return all(self.counts.get(p[0], 0) >= start.get(p[0], 0) + n for p in self.world.pairs())
-
-        await eventually(done, timeout=timeout, interval=0.05, what=f"{n} more probe rounds")
-
-    def check(self, minimum: int = 3) -> str:
-        with self._lock:
-            assert not self.violations, self.violations
-            assert all(self.counts.get(name, 0) >= minimum for name, *_ in self.world.pairs()), self.counts
-            return ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
-
-
-async def probes_hold(world: World) -> None:
-    """A quick one-shot check of every pair."""
-    prober = Prober()
-    for name, src, dst, allowed in world.pairs():
-        if allowed:
-            ok = await asyncio.to_thread(prober.exchange, Probe(src.netns, dst.ip, PORT), 3.0)
-            assert ok is not None, f"{name} must connect"
-        else:
-            connected = await asyncio.to_thread(connects, prober, src.netns, dst.ip, PORT, 0.5)
-            assert not connected, f"{name} must not connect"
+def probing(world: World) -> ProbeLoop:
+    """One thread per pair: allowed pairs a full exchange (a reply within 3 s), denied pairs never a TCP
+    handshake (0.5 s); see ``ProbeLoop``."""
+    return ProbeLoop(world, period=0.2, allowed_timeout=3.0, denied_timeout=0.5)
 
 
 # --- watching etcd -----------------------------------------------------------------------------
@@ -293,25 +200,13 @@ def check_one_writer(recorder: Recorder) -> list[str]:
 # --- processes ---------------------------------------------------------------------------------
 
 
-def health_port(proc: ManagedProcess) -> int:
-    return int(next(a for a in proc.argv if a.startswith("--health-port=")).split("=", 1)[1])
-
-
 async def wait_controller_ready(proc: ManagedProcess, timeout: float = 60.0) -> None:
     """Until Kopf's liveness endpoint answers 200 (the runtime has listed the world and runs)."""
-    url = f"http://127.0.0.1:{health_port(proc)}/healthz"
-
-    def get() -> bool:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return int(resp.status) == 200
 
     async def ready() -> bool:
         if not proc.alive():
             raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
-        try:
-            return await asyncio.to_thread(get)
-        except OSError:
-            return False
+        return await controller_probe(proc) is not None
 
     await eventually(ready, timeout=timeout, interval=0.1, what=f"{proc.name} ready")
 
@@ -336,18 +231,6 @@ async def wait_reported(store: EtcdStore, node: str, not_lease: int, at_least: i
         return report
 
     return await eventually(check, timeout=timeout, interval=0.05, what=f"a report from the new agent of {node}")
-
-
-async def committed_through(store: EtcdStore, marks: dict[str, int], timeout: float = 30.0) -> int:
-    """A commit revision whose ``meta/observed`` covers ``marks`` (the controller has processed those writes)."""
-
-    async def check() -> int:
-        state = await store.committed_snapshot()
-        raw = state.values.get("meta/observed")
-        seen = json.loads(raw)["resourceVersions"] if raw else {}
-        return state.commit_revision if all(seen.get(k, 0) >= v for k, v in marks.items()) else 0
-
-    return await eventually(check, timeout=timeout, interval=0.05, what=f"a commit covering {marks}")
 
 
 # --- the model equals a fresh compile of the API server's state ----------------------------------
@@ -399,7 +282,7 @@ class Churn:
         env, ns = self.world.env, self.world.ns
         while not self._stop.is_set():
             name = f"churn-{uuid.uuid4().hex[:6]}"
-            self.world.mark(await env.apply_manifest(allow_web_from_good(ns, name)))
+            self.world.mark(await env.apply_manifest(allow_from(ns, name, WEB, GOOD)))
             self.live.append(name)
             if len(self.live) > 2:
                 await env.delete_policy(ns, self.live.pop(0))
@@ -434,7 +317,7 @@ class Churn:
 
 
 async def test_controller_handover_sigterm_and_sigkill(env: NetfenceEnv) -> None:
-    world = await build_world(env)
+    world = await upgrade_world(env)
     # "old" gets a long lease: if it did not resign on SIGTERM, "new" would wait ~10 s for the lease to expire.
     old = env.start_controller("old", ("--lease-ttl=10",))
     await env.wait_enforced(world.marks, timeout=90)
@@ -443,7 +326,7 @@ async def test_controller_handover_sigterm_and_sigkill(env: NetfenceEnv) -> None
         new = env.start_controller("new")
         await wait_controller_ready(new)
         churn = Churn(world)
-        with Probes(world) as probes:
+        with probing(world) as probes:
             async with Recorder(store) as rec:
                 # --- SIGTERM: a rolling update stops the old pod once the new one is ready.
                 churn.start()
@@ -499,14 +382,14 @@ async def test_controller_handover_sigterm_and_sigkill(env: NetfenceEnv) -> None
 
 
 async def test_agent_rolling_restart_keeps_enforcing(env: NetfenceEnv) -> None:
-    world = await build_world(env)
+    world = await upgrade_world(env)
     env.start_controller("c0")
     await env.wait_enforced(world.marks, timeout=90)
     store = await open_store(env.cluster.netfence_etcd.endpoint, env.prefix)
     try:
         await probes_hold(world)
         timings = []
-        with Probes(world) as probes:
+        with probing(world) as probes:
             await probes.rounds(2)  # before the rollout
             for n, index in enumerate(sorted(env.agents)):  # DaemonSet RollingUpdate, maxUnavailable 1
                 node = env.agents[index].node
@@ -538,7 +421,7 @@ async def test_agent_rolling_restart_keeps_enforcing(env: NetfenceEnv) -> None:
 
 async def test_old_agent_reads_values_with_unknown_fields(env: NetfenceEnv) -> None:
     """A newer controller adds fields (same schema); agents of this version ignore them and enforce."""
-    world = await build_world(env)
+    world = await upgrade_world(env)
     env.agents[0].process.stop()
     env.start_agent(0, ("--max-schema=1",))  # node 0 runs an "old" agent
     ctl = env.start_controller("c0")
@@ -570,10 +453,9 @@ async def test_old_agent_reads_values_with_unknown_fields(env: NetfenceEnv) -> N
             await writer.close()
         for agent in env.agents.values():
             await wait_reported(store, agent.node, not_lease=0, at_least=revision)
-        prober = Prober()
-        bad1, web0 = world.pods["bad1"], world.pods["web0"]
-        assert await asyncio.to_thread(prober.exchange, Probe(bad1.netns, web0.ip, PORT), 3.0) is not None
-        assert not await asyncio.to_thread(connects, prober, world.pods["bad0"].netns, world.pods["web1"].ip, PORT, 0.5)
+        # bad1 -> web0 now connects (bad1 is in the set), bad0 -> web1 still must not.
+        assert await asyncio.to_thread(world.behaves, Pair("bad1->web0", "bad1", "web0", True))
+        assert await asyncio.to_thread(world.behaves, Pair("bad0->web1", "bad0", "web1", False))
         for agent in env.agents.values():
             log_text = agent.process.log_path.read_text(errors="replace")
             assert "corrupt value" not in log_text and "ERROR" not in log_text, agent.process.tail()
@@ -594,7 +476,7 @@ async def test_old_agent_reads_values_with_unknown_fields(env: NetfenceEnv) -> N
 
 
 async def test_layout_migration_waits_for_every_agent(env: NetfenceEnv) -> None:
-    world = await build_world(env)
+    world = await upgrade_world(env)
     env.agents[0].process.stop()
     env.start_agent(0, ("--max-schema=1",))  # node 0: old agent, node 1: new agent
     node0, node1 = env.agents[0].node, env.agents[1].node
@@ -606,7 +488,7 @@ async def test_layout_migration_waits_for_every_agent(env: NetfenceEnv) -> None:
         await probes_hold(world)
         reports = await store.read_reports()
         assert reports[node0]["schemaSupported"] == [1] and reports[node1]["schemaSupported"] == [1, 2]
-        with Probes(world) as probes:
+        with probing(world) as probes:
             async with Recorder(store) as rec:
                 await probes.rounds(2)
                 # The new controller (--target-schema 2) takes over; an old agent is live: it stays on schema 1.

@@ -18,12 +18,7 @@ def pyproject_version() -> str:
     return str(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"])
 
 
-def test_chart_crd_copy_is_identical_to_crds_dir() -> None:
-    chart_copy = CHART / "files" / "clusterpolicystatus.yaml"
-    assert chart_copy.read_bytes() == (REPO / "crds" / "clusterpolicystatus.yaml").read_bytes(), (
-        "helm/netfence/files/clusterpolicystatus.yaml differs from crds/clusterpolicystatus.yaml: "
-        "copy crds/clusterpolicystatus.yaml over it"
-    )
+# files/clusterpolicystatus.yaml is generated from crds/ (tests/unit/test_crd.py checks it).
 
 
 def test_chart_app_version_is_the_package_version() -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,14 +70,6 @@ def test_failed_build(no_go_env: dict[str, str], tmp_path: Path) -> None:
     assert not (cache / "bin" / "etcd").exists()
     assert [p.name for p in (cache / "tools").iterdir()] == []  # no half-built tool left
     assert read_state(tmp_path / "c") is None
-
-
-@pytest.fixture
-def taken_port() -> Iterator[int]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield int(sock.getsockname()[1])
 
 
 def test_port_in_use(taken_port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hack.gen_crds import TARGET_DIRS, generated, header, read_sources
 
 from netfence.testbed.cluster import crd_names, packaged_crd_dir
 
@@ -26,14 +27,29 @@ def schema_at(schema: dict[str, Any], json_path: str) -> dict[str, Any]:
     return node
 
 
-def test_packaged_copy_is_identical() -> None:
+def test_generated_copies_are_what_the_generator_writes() -> None:
+    """The chart's and the package's copies are exactly hack/gen_crds.py's output (`make crds`)."""
+    wanted = generated(read_sources(REPO))
+    assert sorted(wanted) == sorted(f"{d}/{p.name}" for d in TARGET_DIRS for p in (REPO / "crds").glob("*.yaml"))
+    for rel, text in wanted.items():
+        assert (REPO / rel).read_text() == text, f"{rel} differs from the generated copy: run `make crds`"
+    for target in TARGET_DIRS:
+        extra = {f"{target}/{p.name}" for p in (REPO / target).glob("*.yaml")} - wanted.keys()
+        assert not extra, f"copies without a source in crds/: {sorted(extra)}"
     packaged = sorted(p.name for p in packaged_crd_dir().glob("*.yaml"))
-    shipped = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
-    assert packaged == shipped
-    for name in shipped:
-        assert (packaged_crd_dir() / name).read_bytes() == (REPO / "crds" / name).read_bytes(), (
-            f"operator/netfence/crds/{name} differs from crds/{name}: copy crds/{name} over it"
-        )
+    assert packaged == sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+
+
+def test_generated_copy_is_the_same_yaml_under_a_do_not_edit_comment() -> None:
+    source = {"crds/x.yaml": "# about x\napiVersion: v1\nkind: X\n"}
+    copies = generated(source)
+    assert sorted(copies) == sorted(f"{d}/x.yaml" for d in TARGET_DIRS)
+    for text in copies.values():
+        assert text == header("crds/x.yaml") + source["crds/x.yaml"]
+        assert all(line.startswith("# ") for line in header("crds/x.yaml").splitlines())
+        assert "do not edit" in text.splitlines()[0]
+        assert yaml.safe_load(text) == yaml.safe_load(source["crds/x.yaml"])
+    assert generated({}) == {}
 
 
 def test_names_scope_and_version() -> None:

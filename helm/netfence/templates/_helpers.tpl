@@ -40,16 +40,37 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "netfence.labels" -}}
 {{ include "netfence.selectorLabels" . }}
 app.kubernetes.io/part-of: netfence
-app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/version: {{ include "netfence.version" . | quote }}
 app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 helm.sh/chart: {{ include "netfence.chart" .ctx }}
 {{- end -}}
 
 {{/* Images ---------------------------------------------------------------- */}}
 
-{{/* Call with (dict "ctx" $ "image" .Values.controller.image). */}}
+{{/*
+Call with (dict "ctx" $ "image" .Values.controller.image): repository@digest
+when a digest is set, else repository:tag (the tag defaults to the appVersion).
+*/}}
 {{- define "netfence.image" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+app.kubernetes.io/version of a component's objects: the tag of the image it
+runs (controller, agent, etcd; the helm test runs the controller image), else
+the chart's appVersion; cut to a valid label value.
+*/}}
+{{- define "netfence.version" -}}
+{{- $v := .ctx.Values -}}
+{{- $images := dict "controller" $v.controller.image "test" $v.controller.image "agent" $v.agent.image "etcd" $v.etcd.image -}}
+{{- $image := get $images .component | default dict -}}
+{{- $tag := default .ctx.Chart.AppVersion $image.tag -}}
+{{- $label := regexReplaceAll "[^A-Za-z0-9_.-]" $tag "_" | trunc 63 -}}
+{{- regexReplaceAll "[-_.]+$" $label "" -}}
 {{- end -}}
 
 {{/* etcd ------------------------------------------------------------------ */}}
@@ -76,12 +97,36 @@ helm.sh/chart: {{ include "netfence.chart" .ctx }}
 {{- if .Values.etcd.external.enabled -}}
 {{- .Values.etcd.external.secretName -}}
 {{- else -}}
-{{- default (printf "%s-client-tls" (include "netfence.etcd.fullname" .)) .Values.etcd.tls.existingClientSecret -}}
+{{- if eq (include "netfence.etcd.tlsMethod" .) "existingSecret" -}}
+{{- .Values.etcd.tls.existingClientSecret -}}
+{{- else -}}
+{{- printf "%s-client-tls" (include "netfence.etcd.fullname" .) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
 {{- define "netfence.etcd.serverSecret" -}}
-{{- default (printf "%s-server-tls" (include "netfence.etcd.fullname" .)) .Values.etcd.tls.existingSecret -}}
+{{- if eq (include "netfence.etcd.tlsMethod" .) "existingSecret" -}}
+{{- .Values.etcd.tls.existingSecret -}}
+{{- else -}}
+{{- printf "%s-server-tls" (include "netfence.etcd.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Where the bundled etcd's certificates come from: helm, certManager or
+existingSecret. Values of an older release upgraded with --reuse-values have
+no method: existingSecret when its Secrets are named, else helm.
+*/}}
+{{- define "netfence.etcd.tlsMethod" -}}
+{{- $tls := .Values.etcd.tls -}}
+{{- if $tls.method -}}
+{{- $tls.method -}}
+{{- else if $tls.existingSecret -}}
+existingSecret
+{{- else -}}
+helm
+{{- end -}}
 {{- end -}}
 
 {{/* Flags shared by the controller and the agent. */}}
@@ -126,7 +171,6 @@ a client certificate (genCA/genSignedCert). Returns nothing; read
 {{- if not (hasKey .Values "_netfenceEtcdTLS") -}}
 {{- $ns := .Release.Namespace -}}
 {{- $full := include "netfence.etcd.fullname" . -}}
-{{- $hl := include "netfence.etcd.headless" . -}}
 {{- $server := (lookup "v1" "Secret" $ns (printf "%s-server-tls" $full)) | default dict -}}
 {{- $client := (lookup "v1" "Secret" $ns (printf "%s-client-tls" $full)) | default dict -}}
 {{- $tls := dict -}}
@@ -136,9 +180,7 @@ a client certificate (genCA/genSignedCert). Returns nothing; read
 {{- else -}}
 {{- $days := int .Values.etcd.tls.validityDays -}}
 {{- $ca := genCA (printf "%s-ca" $full) $days -}}
-{{- $d := .Values.clusterDomain -}}
-{{- $dns := list "localhost" $full (printf "%s.%s" $full $ns) (printf "%s.%s.svc" $full $ns) (printf "%s.%s.svc.%s" $full $ns $d) -}}
-{{- $dns = concat $dns (list (printf "*.%s" $hl) (printf "*.%s.%s" $hl $ns) (printf "*.%s.%s.svc" $hl $ns) (printf "*.%s.%s.svc.%s" $hl $ns $d)) -}}
+{{- $dns := include "netfence.etcd.dnsNames" . | fromJsonArray -}}
 {{- $srv := genSignedCert $full (list "127.0.0.1") $dns $days $ca -}}
 {{- $cli := genSignedCert "netfence-client" nil nil $days $ca -}}
 {{- $_ := set $tls "server" (dict "ca.crt" (b64enc $ca.Cert) "tls.crt" (b64enc $srv.Cert) "tls.key" (b64enc $srv.Key)) -}}
@@ -148,7 +190,35 @@ a client certificate (genCA/genSignedCert). Returns nothing; read
 {{- end -}}
 {{- end -}}
 
-{{/* Whether the chart generates (and owns) the bundled etcd's Secrets. */}}
+{{/* Whether the chart generates (and owns) the bundled etcd's Secrets (method helm). */}}
 {{- define "netfence.etcd.generateTLS" -}}
-{{- if and (not .Values.etcd.external.enabled) (not .Values.etcd.tls.existingSecret) (not .Values.etcd.tls.existingClientSecret) -}}true{{- end -}}
+{{- if and (not .Values.etcd.external.enabled) (eq (include "netfence.etcd.tlsMethod" .) "helm") -}}true{{- end -}}
+{{- end -}}
+
+{{/* Whether cert-manager issues the bundled etcd's certificates (method certManager). */}}
+{{- define "netfence.etcd.certManager" -}}
+{{- if and (not .Values.etcd.external.enabled) (eq (include "netfence.etcd.tlsMethod" .) "certManager") -}}true{{- end -}}
+{{- end -}}
+
+{{/* DNS names of the bundled etcd's server/peer certificate (the client Service and every member). */}}
+{{- define "netfence.etcd.dnsNames" -}}
+{{- $ns := .Release.Namespace -}}
+{{- $full := include "netfence.etcd.fullname" . -}}
+{{- $hl := include "netfence.etcd.headless" . -}}
+{{- $d := .Values.clusterDomain -}}
+{{- $dns := list "localhost" $full (printf "%s.%s" $full $ns) (printf "%s.%s.svc" $full $ns) (printf "%s.%s.svc.%s" $full $ns $d) -}}
+{{- $dns = concat $dns (list (printf "*.%s" $hl) (printf "*.%s.%s" $hl $ns) (printf "*.%s.%s.svc" $hl $ns) (printf "*.%s.%s.svc.%s" $hl $ns $d)) -}}
+{{- toJson $dns -}}
+{{- end -}}
+
+{{/* Priority -------------------------------------------------------------- */}}
+
+{{/* The priority classes of the chart's pods, sorted, as a JSON list. */}}
+{{- define "netfence.priorityClasses" -}}
+{{- $v := .Values -}}
+{{- $names := list $v.agent.priorityClassName $v.controller.priorityClassName -}}
+{{- if not $v.etcd.external.enabled -}}
+{{- $names = append $names $v.etcd.priorityClassName -}}
+{{- end -}}
+{{- $names | compact | uniq | sortAlpha | toJson -}}
 {{- end -}}

@@ -10,6 +10,12 @@
   ``resync_seconds``. An etcd outage keeps the last state enforced; when etcd
   returns the agent resumes, or resyncs from a snapshot if its revision was
   compacted.
+* Integrity: a value that does not decode, or a write outside a controller
+  change (foreign), is never applied; the last good value stays, and the key
+  is listed in the report's ``badKeys``. A key with no good value at all (an
+  agent restarted while it is bad) keeps the rules the kernel already holds
+  for it (dataplane/pins.py). Rules the kernel cannot express match nothing
+  and are listed in ``unenforceable``.
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from netfence import __version__
+from netfence.agent.integrity import KeyState, bad_key_entries, report_fields, unenforceable_entries
 from netfence.agent.node_state import NodeState
 from netfence.config import AgentConfig
 from netfence.dataplane.apply import ApplyError, Dataplane
-from netfence.dataplane.render import Features, render
+from netfence.dataplane.pins import PinCache, PinKey, Pinned
+from netfence.dataplane.render import Features, render, unenforceable
+from netfence.store.connection import RETRY_BACKOFF_MAX
 from netfence.store.errors import CompactedError
 from netfence.store.etcd import EtcdStore
 
@@ -45,6 +54,8 @@ class AgentHealth:
     sets: int = 0
     applies: int = 0
     drift_repairs: int = 0
+    bad_keys: int = 0
+    unenforceable: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def as_json(self) -> dict[str, Any]:
@@ -60,6 +71,8 @@ class AgentHealth:
             "sets": self.sets,
             "applies": self.applies,
             "driftRepairs": self.drift_repairs,
+            "badKeys": self.bad_keys,
+            "unenforceable": self.unenforceable,
             "enforcingStale": not self.etcd_connected,
         }
 
@@ -69,8 +82,12 @@ class Agent:
         self.config = config
         self.store = store
         self.dataplane = dataplane
-        self.features = features
+        self.features = features.without(config.disable_features)
+        if self.features != features:
+            log.warning("kernel features switched off by configuration: %s", ", ".join(config.disable_features))
         self.state = NodeState(config.node, max_schema=config.max_schema)
+        self._pins = PinCache()
+        self._unenforceable: list[tuple[str, str]] = []
         self.health = AgentHealth(node=config.node)
         self._revision = 0
         self._apply_lock = asyncio.Lock()
@@ -102,14 +119,17 @@ class Agent:
             try:
                 snapshot = await self.store.committed_snapshot(include=self.state.wants)
                 self.health.etcd_connected = True
-                self.state.reset(snapshot.values)
+                self.state.reset(snapshot.values, snapshot.foreign, snapshot.mod_revisions)
                 self._revision = snapshot.commit_revision
                 await self.apply()
                 backoff = 0.2
-                async for batch in self.store.follow_commits(self._revision, include=self.state.wants):
+                batches = self.store.follow_commits(self._revision, include=self.state.wants, foreign_batches=True)
+                async for batch in batches:
                     self.health.etcd_connected = True
-                    self.state.update(batch.changes)
-                    self._revision = batch.commit_revision
+                    self.state.mark_foreign(batch.foreign)  # never applied; reported (and maybe pinned)
+                    if batch.is_commit:
+                        self.state.update(batch.changes)
+                        self._revision = batch.commit_revision
                     await self.apply()
                 raise ConnectionError("watch ended")
             except asyncio.CancelledError:
@@ -120,16 +140,21 @@ class Agent:
                 self.health.etcd_connected = False
                 log.warning("etcd unavailable (%s); enforcing the last applied state", exc)
                 self._report_wake.set()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await self.store.pause(backoff)  # ends early once etcd is reachable again
+                backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
 
     async def apply(self, full: bool = False) -> bool:
         """Render the current state and apply it; True on success."""
         async with self._apply_lock:
             revision = self._revision
             self.health.target_revision = revision
-            ruleset = render(self.state.model(), features=self.features)
+            model = self.state.model()
             try:
+                pinned = await self._pinned(self.state.unresolved())
+                ruleset = render(model, features=self.features, pinned=pinned)
+                self._unenforceable = unenforceable(model, self.features)
+                self.health.bad_keys = len(self.state.bad_keys())
+                self.health.unenforceable = len(self._unenforceable)
                 if full:
                     self.dataplane.forget_applied()
                 result = await asyncio.to_thread(self.dataplane.apply, ruleset)
@@ -147,6 +172,22 @@ class Agent:
             self.health.applies += 1
             self._report_wake.set()
             return True
+
+    async def _pinned(self, unresolved: dict[str, PinKey]) -> Pinned:
+        """The kernel's rules for keys without a good value, read (once) before our apply replaces them."""
+        needs = self._pins.needs(unresolved.values())
+        if needs:
+            kernel = await asyncio.to_thread(self.dataplane.read_state)
+            self._pins.learn(kernel, needs, self.dataplane.families)
+            for key, pin in sorted(unresolved.items()):
+                if pin in needs:
+                    kept = self._pins.found(pin)
+                    log.warning(
+                        "%s has no good value (%s); %s", key, self.state.bad_keys().get(key, "bad"),
+                        "keeping the rules the kernel holds for it" if kept
+                        else "the kernel holds no rules for it: it matches nothing",
+                    )
+        return self._pins.pinned(unresolved.values())
 
     def _schedule_retry(self) -> None:
         if self._retry is None or self._retry.done():
@@ -206,7 +247,18 @@ class Agent:
             "lastError": self.health.last_error,
             "version": __version__,
             "schemaSupported": list(self.state.schemas_supported),
+            **report_fields(self.bad_key_entries(), unenforceable_entries(self._unenforceable)),
         }
+
+    def bad_key_entries(self) -> list[dict[str, str]]:
+        """The report's ``badKeys`` (uncapped): each bad key, why, and what is enforced for it."""
+        bad = self.state.bad_keys()
+        states: dict[str, KeyState] = {}
+        for key in bad:
+            pin = self.state.pin_key(key)
+            good = pin is not None and self.state.has_good_value(pin)
+            states[key] = KeyState(pin, good, None if pin is None or good else self._pins.found(pin))
+        return bad_key_entries(bad, states)
 
     async def _report_loop(self) -> None:
         """Keep the node report current, bound to a lease that expires if this agent dies."""
@@ -228,4 +280,4 @@ class Agent:
                 raise
             except Exception as exc:
                 log.warning("writing the node report failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+                await self.store.pause(1.0)  # ends early once etcd is reachable again

@@ -26,17 +26,9 @@ async def run(config: AgentConfig) -> None:
     from netfence.agent.loop import Agent
     from netfence.dataplane.apply import Dataplane
     from netfence.dataplane.runner import SubprocessRunner
-    from netfence.store.etcd import EtcdConfig, EtcdStore
+    from netfence.store.etcd import EtcdStore
 
-    store = EtcdStore(
-        EtcdConfig(
-            endpoints=list(config.etcd.endpoints),
-            prefix=config.etcd.prefix,
-            ca_file=config.etcd.ca_file,
-            cert_file=config.etcd.cert_file,
-            key_file=config.etcd.key_file,
-        )
-    )
+    store = EtcdStore(config.etcd)
     runner = SubprocessRunner(netns=config.netns)
     dataplane = Dataplane(runner, ipv6=config.ipv6)
     features = await asyncio.to_thread(dataplane.detect_features)
@@ -61,17 +53,16 @@ async def run(config: AgentConfig) -> None:
 async def _connect_and_run(agent: Agent, store: EtcdStore) -> None:
     """Connect to etcd (retrying: an agent started during an etcd outage keeps the
     node's rules as they are and waits), then run the agent."""
-    backoff = 0.2
+    from netfence.store.connection import Backoff
+
+    backoff = Backoff()
     while True:
         try:
             await store.connect()
             break
         except StoreError as exc:
             log.warning("etcd unavailable at start (%s); the rules in force stay as they are", exc)
-            with contextlib.suppress(Exception):
-                await store.close()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            await store.pause(backoff.next())  # ends early once etcd is reachable
     await agent.run()
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Mapping
 
+from netfence.dataplane.pins import PinKey
 from netfence.model.enforcement import (
     CompiledPolicy,
     Endpoint,
@@ -23,7 +24,11 @@ class NodeState:
 
     A value that does not decode is logged and the last good value for that
     key (if any) stays in force: the controller rewrites corrupt values, and
-    the agent never crashes or drops enforcement because of one.
+    the agent never crashes or drops enforcement because of one. A *foreign*
+    write (outside a controller change, store/commit_window.py) is never
+    applied: the last good value stays too. Both are :meth:`bad_keys` until a
+    committed value for the key arrives; :meth:`unresolved` lists those with
+    no good value at all (the agent pins their kernel rules, dataplane/pins.py).
     """
 
     def __init__(self, node: str, max_schema: int = SCHEMAS[-1]):
@@ -33,24 +38,43 @@ class NodeState:
         self.sets: dict[str, PeerSet] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self.decode_errors: dict[str, str] = {}
+        self.foreign: dict[str, int] = {}  # key -> revision of a foreign write (not applied)
 
     def wants(self, key: str) -> bool:
         if self.max_schema >= 2 and (key == META_SCHEMA or key.startswith("sets2/")):
             return True
         return key.startswith(("policies/", "sets/", f"endpoints/{self.node}/"))
 
-    def reset(self, values: Mapping[str, bytes]) -> None:
+    def reset(
+        self,
+        values: Mapping[str, bytes],
+        foreign: Mapping[str, int] | None = None,
+        mod_revisions: Mapping[str, int] | None = None,
+    ) -> None:
         """Replace everything with a fresh snapshot.
 
         Keys absent from the snapshot are dropped; a key whose new value does
-        not decode keeps its last good value (as in :meth:`update`).
+        not decode keeps its last good value (as in :meth:`update`). ``foreign``
+        keys (written after the snapshot's commit) keep their last good value;
+        so does a key already known as foreign whose value is still that write
+        (same mod revision in ``mod_revisions``).
         """
-        wanted = {k: v for k, v in values.items() if self.wants(k)}
+        mods = mod_revisions or {}
+        still = {k: r for k, r in self.foreign.items() if mods.get(k) == r}
+        new_foreign = {k: r for k, r in (foreign or {}).items() if self.wants(k)} | still
+        wanted = {k: v for k, v in values.items() if self.wants(k) and k not in new_foreign}
         for key in [*self._keys()]:
-            if key not in wanted:
+            if key not in wanted and key not in new_foreign:
                 self._drop(key)
         self.decode_errors.clear()
+        self.foreign = new_foreign
         self.update(wanted)
+
+    def mark_foreign(self, foreign: Mapping[str, int]) -> None:
+        """Keys written outside a controller change: not applied, reported until a committed value arrives."""
+        for key, revision in foreign.items():
+            if self.wants(key):
+                self.foreign[key] = revision
 
     def _keys(self) -> list[str]:
         return (
@@ -64,6 +88,7 @@ class NodeState:
         for key, raw in changes.items():
             if not self.wants(key):
                 continue
+            self.foreign.pop(key, None)  # a committed value (or deletion) supersedes a foreign write
             if raw is None:
                 self._drop(key)
             else:
@@ -98,6 +123,46 @@ class NodeState:
             log.error("corrupt value at %s (keeping the last good one, if any): %s", key, exc)
             return
         self.decode_errors.pop(key, None)
+
+    # --- bad keys ---------------------------------------------------------------
+
+    def bad_keys(self) -> dict[str, str]:
+        """Keys that could not be decoded or were written foreign -> why (one line)."""
+        out = {key: f"corrupt value: {reason}" for key, reason in self.decode_errors.items()}
+        for key, revision in self.foreign.items():
+            out[key] = f"written outside a controller commit (revision {revision}); not applied"
+        return out
+
+    def pin_key(self, key: str) -> PinKey | None:
+        """What to pin (dataplane/pins.py) while ``key`` has no good value; None: nothing to pin."""
+        kind, _, rest = key.partition("/")
+        if kind == "policies":
+            return ("policy", rest)
+        if kind == "endpoints":
+            return ("endpoint", rest.partition("/")[2])
+        if kind == "sets" and self.layout == 1:
+            return ("set", rest)
+        if kind == "sets2" and self.layout >= 2:
+            parsed = parse_set_key(key)
+            return None if parsed is None else ("set", parsed[0])
+        return None  # meta/schema, or a set key of the layout not in use
+
+    def has_good_value(self, pin: PinKey) -> bool:
+        kind, name = pin
+        if kind == "policy":
+            return name in self.policies
+        if kind == "endpoint":
+            return name in self.endpoints
+        return name in (self._assembled if self.layout >= 2 else self.sets)
+
+    def unresolved(self) -> dict[str, PinKey]:
+        """Bad keys without any good value -> what to pin for them (call after :meth:`model`)."""
+        out: dict[str, PinKey] = {}
+        for key in self.bad_keys():
+            pin = self.pin_key(key)
+            if pin is not None and not self.has_good_value(pin):
+                out[key] = pin
+        return out
 
     def model(self) -> NodeModel:
         chunked = self._chunked_sets()

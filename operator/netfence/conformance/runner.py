@@ -3,6 +3,13 @@
 Each scenario gets a fresh Netfence state on a shared control plane: a new
 etcd prefix, a new controller, new namespace nodes with one agent each, and
 its namespaces and pods; afterwards everything it created is deleted.
+
+Every probe of a run is a new flow: the run's :class:`~netfence.testbed.probe.Prober`
+binds each probe to a source port from one per-run
+:class:`~netfence.testbed.ports.SourcePorts`, which hands a port out again only
+after every conntrack entry the earlier probe could have left has expired, and
+never uses a port the run probes as a destination. (A reused 5-tuple would be a
+packet of the earlier probe's flow, and could pass a policy that denies new ones.)
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,7 @@ from netfence.conformance.scenario import (
 from netfence.conformance.tables import diff_table, format_table
 from netfence.testbed.cluster import LocalCluster
 from netfence.testbed.env import EnforcementTimeout, NetfenceEnv
+from netfence.testbed.ports import SourcePorts
 from netfence.testbed.probe import Probe, Prober
 
 log = logging.getLogger(__name__)
@@ -113,6 +121,27 @@ class ScenarioResult:
                 for s in self.steps
             ],
         }
+
+
+Cell = tuple[str, str]  # (client pod key, server pod key)
+
+
+def judge(
+    port: int, protocol: str, expected: Mapping[Cell, bool | None], observed: Mapping[Cell, bool | None]
+) -> ExpectResult:
+    """Compare the probed cells with the expected table (pure).
+
+    A cell is wrong only when both its expectation and its probe are known
+    (not None) and differ. A probe that could not be made (None: no SCTP) is
+    never wrong; it marks the result ``skipped``.
+    """
+    wrong = [
+        cell
+        for cell, seen in observed.items()
+        if (want := expected[cell]) is not None and seen is not None and seen != want
+    ]
+    skipped = any(v is None for v in observed.values())
+    return ExpectResult(port, protocol, not wrong, skipped, dict(expected), dict(observed), wrong)
 
 
 class ScenarioRun:
@@ -230,15 +259,7 @@ class ScenarioRun:
         out = []
         for expect, probes in plans:
             observed = {pair: results[p] for pair, p in probes.items()}
-            skipped = any(v is None for v in observed.values())
-            wrong = [
-                pair
-                for pair, want in ((pair, expect.cells[pair]) for pair in probes)
-                if want is not None and observed[pair] is not None and observed[pair] != want
-            ]
-            out.append(
-                ExpectResult(expect.port, expect.protocol, not wrong, skipped, dict(expect.cells), observed, wrong)
-            )
+            out.append(judge(expect.port, expect.protocol, expect.cells, observed))
         return out
 
     def dump(self, step_index: int) -> str:
@@ -329,8 +350,13 @@ async def run_scenarios(
     default_nodes: int | None = None,
     timeout: float = 60.0,
     out: Callable[[str], None],
+    source_ports: SourcePorts | None = None,
 ) -> list[ScenarioResult]:
-    prober = Prober()
+    """Run ``scenarios`` one after the other; ``source_ports`` defaults to a fresh
+    :meth:`SourcePorts.for_run` reserving every port the scenarios use."""
+    if source_ports is None:
+        source_ports = SourcePorts.for_run(scenario_ports(scenarios))
+    prober = Prober(source_ports=source_ports)
     results: list[ScenarioResult] = []
     for number, item in enumerate(scenarios):
         if isinstance(item, ScenarioError):
@@ -362,6 +388,20 @@ async def run_scenarios(
         out(f"{result.status.upper()} {scenario.name} ({result.seconds:.1f}s)")
         results.append(result)
     return results
+
+
+def scenario_ports(scenarios: list[Scenario | ScenarioError]) -> set[int]:
+    """Every port the scenarios' pods serve or their tables probe (never used as a source port)."""
+    ports: set[int] = set()
+    for scenario in scenarios:
+        if isinstance(scenario, ScenarioError):
+            continue
+        pods = list(scenario.pods)
+        for step in scenario.steps:
+            ports.update(e.port for e in step.expect)
+            pods += [a.body["pod"] for a in step.actions if a.kind == "create-pod"]
+        ports.update(port for pod in pods for port, _ in pod.ports)
+    return ports
 
 
 def _with_nodes(scenario: Scenario, nodes: int) -> Scenario:

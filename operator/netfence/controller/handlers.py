@@ -8,7 +8,9 @@ persistence is switched to memory so nothing is ever stored on users' objects.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -47,6 +49,25 @@ class _NoDiffBase(kopf.DiffBaseStorage):  # type: ignore[misc]
         return None
 
 
+class RetryBackoffs:
+    """Kopf's ``networking.error_backoffs``: 0.25 s, 0.5 s, then every second, never giving up.
+
+    Kopf sleeps these (uninterruptibly) between attempts of one request; when the list
+    is exhausted the request fails. A watch request that fails with a connection error
+    is simply repeated, but one failing with a 5xx/403/429 escalates and kills that
+    resource's watcher for good. So: short (the watch is re-established within about a
+    second of the API server answering, however long it was down) and endless. Iterable
+    again and again (Kopf iterates it once per request), deliberately without ``len()``.
+    """
+
+    def __init__(self, first: tuple[float, ...] = (0.25, 0.5), then: float = 1.0):
+        self.first = first
+        self.then = then
+
+    def __iter__(self) -> Iterator[float]:
+        return itertools.chain(self.first, itertools.repeat(self.then))
+
+
 def _runtime(memo: Any) -> ControllerRuntime:
     runtime: ControllerRuntime = memo.runtime
     return runtime
@@ -70,7 +91,8 @@ def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
         settings.scanning.disabled = True  # resources are fixed; no need to list CRDs (and no RBAC for it)
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
-        settings.networking.error_backoffs = [1, 2, 5, 10]
+        settings.networking.error_backoffs = RetryBackoffs()
+        settings.watching.reconnect_backoff = 0.1  # pause before a re-list after 410 Gone (Kopf's default)
         memo.runtime = await ControllerRuntime.start(config)
 
     @kopf.on.cleanup(registry=registry)
@@ -98,8 +120,16 @@ def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
 
     # Every event handler is ``async``: Kopf runs plain ``def`` handlers in a thread pool, but
     # the world, the engine and the syncer's asyncio.Event may only be touched from the loop.
+    #
+    # ``type`` None marks an object from Kopf's listing: Kopf lists a kind before watching it,
+    # at start-up and again whenever it has to restart the watch (410 Gone after an API server
+    # restart or a long disconnect, watch errors). A re-list reports only objects that exist,
+    # so deletions in the gap would be lost: every such burst makes the runtime reconcile the
+    # kind against a listing of its own (kopf/_cogs/clients/watching.py: continuous_watch).
     def _feed(memo: Any, kind: str, event_type: str | None, body: Any) -> None:
         runtime = _runtime(memo)
+        if event_type is None:
+            runtime.watch_listed(kind)
         if runtime.world.apply(kind, event_type, dict(body)):
             runtime.syncer.notify()
 
@@ -121,9 +151,12 @@ def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
         _feed(memo, "networkpolicies", type, body)
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         if type == "DELETED":
-            runtime.warnings_posted.pop((ns, name), None)
-            await runtime.status.delete(ns, name)
+            # Not when the event was stale and a newer policy of that name exists.
+            if (ns, name) not in runtime.world.policies:
+                runtime.policies_removed([(ns, name)])
             return
+        if (ns, name) not in runtime.world.policies:
+            return  # a stale event of a policy already gone
         runtime.status.mark({(ns, name)})
         if not runtime.election.is_leader:
             return
@@ -140,5 +173,7 @@ def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
     async def status_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
         if type == "DELETED":
             _runtime(memo).status.status_deleted(body["metadata"]["name"])
+        elif type is None:
+            _runtime(memo).watch_listed(CPS_PLURAL)
 
     return registry

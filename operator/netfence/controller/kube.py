@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,37 @@ CPS_PLURAL = "clusterpolicystatuses"
 CPS_KIND = "ClusterPolicyStatus"
 
 
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def cps_name(namespace: str, name: str) -> str:
     """ClusterPolicyStatus name of a NetworkPolicy: ``<namespace>.<name>``."""
     return f"{namespace}.{name}"
 
 
 @dataclass
+class KindListing:
+    """The objects of one kind at one snapshot: ``resource_version`` is the list's own
+    ``metadata.resourceVersion`` (of the first page; continue tokens keep later pages in
+    the same snapshot), 0 if the server sent none."""
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+    resource_version: int = 0
+
+
+@dataclass
 class Listing:
-    """A full listing of the objects the controller compiles."""
+    """A full listing of the objects the controller compiles (one snapshot per kind)."""
 
     pods: list[dict[str, Any]] = field(default_factory=list)
     namespaces: list[dict[str, Any]] = field(default_factory=list)
     policies: list[dict[str, Any]] = field(default_factory=list)
     nodes: list[dict[str, Any]] = field(default_factory=list)
+    resource_versions: dict[str, int] = field(default_factory=dict)  # kind (KINDS spelling) -> list rv
 
 
 class KubeApi:
@@ -63,27 +82,56 @@ class KubeApi:
         await self.api_client.close()
 
     async def _list(self, call: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
+        return (await self._list_snapshot(call, **kwargs)).items
+
+    async def _list_snapshot(self, call: Any, **kwargs: Any) -> KindListing:
+        listing = KindListing()
         token: str | None = None
         while True:
             resp = await call(_preload_content=False, limit=2000, _continue=token, **kwargs)
             data = json.loads(await resp.read())
             kind = str(data.get("kind", "")).removesuffix("List")
             version = data.get("apiVersion", "v1")
+            meta = data.get("metadata", {})
+            if token is None:
+                listing.resource_version = _int(meta.get("resourceVersion"))
             for item in data.get("items", []):
                 item.setdefault("kind", kind)
                 item.setdefault("apiVersion", version)
-                items.append(item)
-            token = data.get("metadata", {}).get("continue") or None
+                listing.items.append(item)
+            token = meta.get("continue") or None
             if not token:
-                return items
+                return listing
+
+    async def list_kind(self, kind: str) -> KindListing:
+        """One kind the controller compiles (``pods``, ``namespaces``, ``networkpolicies``, ``nodes``)."""
+        calls = {
+            "pods": self.core.list_pod_for_all_namespaces,
+            "namespaces": self.core.list_namespace,
+            "networkpolicies": self.networking.list_network_policy_for_all_namespaces,
+            "nodes": self.core.list_node,
+        }
+        if kind not in calls:
+            raise ValueError(f"unknown kind {kind!r}")
+        return await self._list_snapshot(calls[kind])
 
     async def list_world(self) -> Listing:
+        """Every kind, one after the other (each at its own snapshot; merge them per kind)."""
+        pods = await self.list_kind("pods")
+        namespaces = await self.list_kind("namespaces")
+        policies = await self.list_kind("networkpolicies")
+        nodes = await self.list_kind("nodes")
         return Listing(
-            pods=await self._list(self.core.list_pod_for_all_namespaces),
-            namespaces=await self._list(self.core.list_namespace),
-            policies=await self._list(self.networking.list_network_policy_for_all_namespaces),
-            nodes=await self._list(self.core.list_node),
+            pods=pods.items,
+            namespaces=namespaces.items,
+            policies=policies.items,
+            nodes=nodes.items,
+            resource_versions={
+                "pods": pods.resource_version,
+                "namespaces": namespaces.resource_version,
+                "networkpolicies": policies.resource_version,
+                "nodes": nodes.resource_version,
+            },
         )
 
     # --- ClusterPolicyStatus -------------------------------------------------
@@ -117,29 +165,21 @@ class KubeApi:
         )
 
     async def patch_status(self, name: str, status: dict[str, Any]) -> bool:
-        """Replace ``.status``; False when the object is gone."""
+        """Set ``.status`` (one JSON-patch ``add``: it replaces an existing member and creates
+        a missing one, so a 422 means the status itself was rejected); False when the
+        object is gone."""
         try:
             await self.custom.patch_cluster_custom_object_status(
                 CPS_GROUP,
                 CPS_VERSION,
                 CPS_PLURAL,
                 name,
-                [{"op": "replace", "path": "/status", "value": status}],
+                [{"op": "add", "path": "/status", "value": status}],
                 _content_type="application/json-patch+json",
             )
         except ApiException as exc:
             if exc.status == 404:
                 return False
-            if exc.status == 422:  # no status yet: "replace" needs an existing path
-                await self.custom.patch_cluster_custom_object_status(
-                    CPS_GROUP,
-                    CPS_VERSION,
-                    CPS_PLURAL,
-                    name,
-                    [{"op": "add", "path": "/status", "value": status}],
-                    _content_type="application/json-patch+json",
-                )
-                return True
             raise
         return True
 
@@ -149,3 +189,50 @@ class KubeApi:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    async def post_event(self, involved: dict[str, str], reason: str, message: str, kind: str = "Warning") -> None:
+        """Post a core/v1 Event about ``involved`` (an ObjectReference; cluster-scoped
+        objects' events go to ``default``, as kubectl describe expects)."""
+        namespace = involved.get("namespace") or "default"
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": "netfence-", "namespace": namespace},
+            "involvedObject": involved,
+            "reason": reason,
+            "message": message[:1024],
+            "type": kind,
+            "source": {"component": "netfence-controller"},
+            "reportingComponent": "netfence-controller",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self.core.create_namespaced_event(namespace, body)
+
+
+def cps_reference(name: str) -> dict[str, str]:
+    """ObjectReference of a ClusterPolicyStatus, for events."""
+    return {"apiVersion": f"{CPS_GROUP}/{CPS_VERSION}", "kind": CPS_KIND, "name": name}
+
+
+def policy_reference(namespace: str, name: str, uid: str = "") -> dict[str, str]:
+    """ObjectReference of a NetworkPolicy, for events."""
+    ref = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "namespace": namespace, "name": name}
+    if uid:
+        ref["uid"] = uid
+    return ref
+
+
+def api_error_text(exc: BaseException) -> str:
+    """One line saying why an API call failed: the server's Status message when there is one."""
+    if isinstance(exc, ApiException):
+        message = ""
+        try:
+            body = json.loads(exc.body or "{}")
+            message = str(body.get("message") or "") if isinstance(body, dict) else ""
+        except (TypeError, ValueError):
+            pass
+        return f"{exc.status} {exc.reason}: {message}" if message else f"{exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

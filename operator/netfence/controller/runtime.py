@@ -5,31 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from netfence.config import ControllerConfig
-from netfence.controller.kube import KubeApi
+from netfence.controller.kube import CPS_PLURAL, KubeApi
+from netfence.controller.relist import KindRelister
 from netfence.controller.status_writer import StatusWriter
 from netfence.controller.syncer import EtcdSyncer
-from netfence.controller.world import WorldTracker
+from netfence.controller.world import KINDS, MergeResult, WorldTracker
 from netfence.model.compiler import ModelEngine
 from netfence.status.aggregate import NodeReport
 from netfence.store.election import LeaderElection
-from netfence.store.etcd import EtcdConfig, EtcdStore
+from netfence.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
-
-
-def etcd_config(config: ControllerConfig) -> EtcdConfig:
-    settings = config.etcd
-    return EtcdConfig(
-        endpoints=list(settings.endpoints),
-        prefix=settings.prefix,
-        ca_file=settings.ca_file,
-        cert_file=settings.cert_file,
-        key_file=settings.key_file,
-    )
 
 
 @dataclass
@@ -44,11 +35,19 @@ class ControllerRuntime:
     status: StatusWriter
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     warnings_posted: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    # Listings merged per kind (start-up, watch re-lists, leadership, periodic); for metrics.
+    relists: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    relister: KindRelister = field(init=False)
+
+    def __post_init__(self) -> None:
+        # ClusterPolicyStatus is not compiled: a re-list of it makes the status writer
+        # list its objects again (recreating ones deleted during a watch gap).
+        self.relister = KindRelister(self._relist_job, (*KINDS, CPS_PLURAL))
 
     @classmethod
     async def start(cls, config: ControllerConfig) -> ControllerRuntime:
         kube = await KubeApi.connect(config.kubeconfig)
-        store = EtcdStore(etcd_config(config), identity=config.identity)
+        store = EtcdStore(config.etcd, identity=config.identity)
         await store.connect()
         engine = ModelEngine()
         world = WorldTracker(engine)
@@ -77,35 +76,70 @@ class ControllerRuntime:
             asyncio.create_task(status.run(), name="status-writer"),
             asyncio.create_task(runtime._watch_reports(), name="report-watch"),
             asyncio.create_task(runtime._periodic_resync(), name="periodic-resync"),
+            asyncio.create_task(runtime.relister.run(), name="relister"),
         ]
         return runtime
 
     async def full_resync(self) -> None:
-        listing = await self.kube.list_world()
-        self.world.replace_all(
-            {
-                "pods": listing.pods,
-                "namespaces": listing.namespaces,
-                "networkpolicies": listing.policies,
-                "nodes": listing.nodes,
-            }
-        )
+        """List every kind afresh and merge each listing (at start-up: before any write)."""
+        for kind in KINDS:
+            await self.relist(kind)
         self.syncer.notify()
         self.status.mark_all()
 
+    async def relist(self, kind: str) -> MergeResult:
+        """List one kind and merge it: what is gone is removed, nothing newer is lost or undone."""
+        listing = await self.kube.list_kind(kind)
+        result = self.world.merge_listing(kind, listing.items, listing.resource_version)
+        self.relists[kind] += 1
+        if result.stale:
+            log.debug("listing of %s at %d is not newer than the last merged one", kind, result.resource_version)
+            return result
+        if result.removed:
+            log.info("listing of %s at %d: %d objects gone without a delete event (%s), %d updated",
+                     kind, result.resource_version, len(result.removed),
+                     ", ".join("/".join(filter(None, key)) for key in result.removed[:10]), result.applied)
+        if result.changed:
+            self.syncer.notify()
+            self.status.mark_all()
+        if kind == "networkpolicies" and result.removed:
+            self.policies_removed(result.removed)
+        return result
+
+    def policies_removed(self, keys: Iterable[tuple[str, str]]) -> None:
+        """NetworkPolicies are gone (delete event or listing): their ClusterPolicyStatus objects go
+        (the status writer deletes them, retrying on errors)."""
+        keys = list(keys)
+        for key in keys:
+            self.warnings_posted.pop(key, None)
+        self.status.policies_removed(keys)
+
+    def watch_listed(self, kind: str) -> None:
+        """Kopf (re)listed ``kind`` after (re)connecting its watch (an event with ``type`` None):
+        events may have been missed, deletions in particular, which a re-list does not report.
+        Reconcile the kind against a listing of our own (debounced: one per burst)."""
+        self.relister.request(kind, "watch re-listed")
+
+    async def _relist_job(self, kind: str) -> None:
+        if kind == CPS_PLURAL:
+            self.status.request_resync()
+        else:
+            await self.relist(kind)
+
     async def _periodic_resync(self, period: float = 300.0) -> None:
-        """Catch anything a watch missed (expired watches, API outages)."""
+        """Backstop: reconcile every kind against a fresh listing now and then."""
         while True:
             await asyncio.sleep(period)
-            try:
-                await self.full_resync()
-            except Exception as exc:
-                log.warning("periodic full listing failed: %s", exc)
+            for kind in KINDS:
+                self.relister.request(kind, "periodic")
 
     def _on_elected(self) -> None:
         log.info("%s is now the leader and writes to etcd", self.config.identity)
         self.syncer.request_reconcile()
         self.status.request_resync()
+        # A standby's watches may have had gaps nobody acted on: reconcile every kind.
+        for kind in KINDS:
+            self.relister.request(kind, "elected")
 
     def _on_lost(self) -> None:
         log.warning("%s lost leadership; writes stop", self.config.identity)
@@ -126,7 +160,7 @@ class ControllerRuntime:
                 raise
             except Exception as exc:
                 log.warning("watching node reports failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+                await self.store.pause(1.0)  # ends early once etcd is reachable again
 
     async def stop(self) -> None:
         with contextlib.suppress(Exception):

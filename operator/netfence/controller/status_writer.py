@@ -1,33 +1,69 @@
 """Keeps one ClusterPolicyStatus per NetworkPolicy, with aggregated node status.
 
 Runs on the leader only. Objects are created when a policy appears, deleted
-when it goes, recreated when someone deletes them. ``.status`` is computed by
-the pure :func:`netfence.status.aggregate.compute_status` and written only when
-it differs from what this writer wrote last.
+when it goes (a DELETED event, a full listing that no longer has it, or this
+writer's own listing finding an object whose policy is not in the world),
+recreated when someone deletes them. ``.status`` is computed by the pure
+:func:`netfence.status.aggregate.compute_status` and written only when it
+differs from what this writer wrote last.
+
+Every object is written on its own: an API error on one object is recorded for
+that object, which is retried with its own backoff (0.5 s doubling, capped at
+30 s) while the others proceed. The error is posted once as a Kubernetes Event
+(on the ClusterPolicyStatus, or on the NetworkPolicy while its status object
+does not exist). When the API server rejects a status as invalid, a reduced
+status (phase, counters, conditions and a ``StatusWriteFailed`` condition with
+the error) is written instead, so the object's phase stays true.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from netfence.controller.kube import KubeApi, cps_name
+from netfence.controller.kube import KubeApi, api_error_text, cps_name, cps_reference, policy_reference
 from netfence.controller.world import PolicyMeta, WorldTracker
 from netfence.model.compiler import ModelEngine
 from netfence.status.aggregate import (
+    BadKeyHit,
     NodeReport,
     PolicyFacts,
     compute_status,
+    reduced_status,
     strip_times,
     with_transition_times,
 )
+from netfence.status.badkeys import bad_key_hits
 
 log = logging.getLogger(__name__)
+
+PolicyKey = tuple[str, str]
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+CALL_TIMEOUT = 10.0  # one object's API calls; a hung request must not hold up the others
+
+
+def backoff_delay(attempts: int, first: float = BACKOFF_FIRST, cap: float = BACKOFF_MAX) -> float:
+    """Seconds to wait after ``attempts`` consecutive failures (>= 1) of one object."""
+    return min(cap, first * 2.0 ** min(max(attempts - 1, 0), 30))
+
+
+@dataclass
+class ObjectFailure:
+    """Consecutive failures of one object's writes (or of the listing, under ``""``)."""
+
+    attempts: int = 0
+    due: float = 0.0  # loop time of the next attempt
+    error: str = ""
+    reported: str = ""  # the error last posted as an Event (each distinct error once)
 
 
 class StatusWriter:
@@ -39,6 +75,8 @@ class StatusWriter:
         key_revisions: dict[str, int],
         is_leader: Callable[[], bool],
         interval: float = 0.2,
+        resync_seconds: float = 120.0,
+        call_timeout: float = CALL_TIMEOUT,
     ):
         self.kube = kube
         self.engine = engine
@@ -46,14 +84,20 @@ class StatusWriter:
         self.key_revisions = key_revisions
         self.is_leader = is_leader
         self.interval = interval
+        self.resync_seconds = resync_seconds
+        self.call_timeout = call_timeout
         self.reports: dict[str, NodeReport] = {}
         self.written: dict[str, dict[str, Any]] = {}  # name -> status without times
         self.full_status: dict[str, dict[str, Any]] = {}
         self.existing: set[str] = set()
-        self._last_spec: dict[str, dict[str, Any]] = {}
+        self.failures: dict[str, ObjectFailure] = {}  # object name -> its failures ("" = the listing)
         self.api_writes = 0
-        self._dirty: set[tuple[str, str]] = set()
+        self._last_spec: dict[str, dict[str, Any]] = {}
+        self._dirty: set[PolicyKey] = set()
+        self._deleting: set[str] = set()  # names whose policy went away (until deleted)
+        self._rejections: dict[str, str] = {}  # name -> API error last posted for a rejected status
         self._resync = True
+        self._next_resync = 0.0
         self._wake = asyncio.Event()
 
     # --- inputs ---------------------------------------------------------
@@ -62,14 +106,23 @@ class StatusWriter:
         self._dirty.update(self.world.policies)
         self._wake.set()
 
-    def mark(self, keys: set[tuple[str, str]]) -> None:
+    def mark(self, keys: set[PolicyKey]) -> None:
         self._dirty.update(keys)
         self._wake.set()
 
     def request_resync(self) -> None:
-        """List existing objects again (on becoming leader, after API errors)."""
+        """List existing objects again (on becoming leader): recreate missing ones, delete orphans."""
         self._resync = True
         self.mark_all()
+
+    def policies_removed(self, keys: Iterable[PolicyKey]) -> None:
+        """These policies left the world (a DELETED event or a full listing without them):
+        delete their status objects. Keys that are (again) in the world are ignored at
+        write time, so calling this for a policy that came back is harmless. Not leading:
+        nothing to remember (becoming leader lists the objects and deletes orphans)."""
+        if self.is_leader():
+            self._deleting.update(cps_name(ns, name) for ns, name in keys)
+            self._wake.set()
 
     def on_commit(self, revision: int, keys: set[str]) -> None:
         if keys:
@@ -93,17 +146,30 @@ class StatusWriter:
 
     def status_deleted(self, name: str) -> None:
         """Someone deleted a status object: forget it so it is recreated."""
-        self.existing.discard(name)
-        self.written.pop(name, None)
-        self.full_status.pop(name, None)
-        self._wake.set()
+        self._forget(name)
         self.mark_all()
+
+    async def delete(self, namespace: str, name: str) -> None:
+        """The policy was deleted: its status object goes (asynchronously, retried on errors)."""
+        self.policies_removed([(namespace, name)])
 
     # --- loop -----------------------------------------------------------
 
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def next_due(self) -> float:
+        """Loop time by which the loop must run again even without new input (a retry
+        coming due, the periodic listing)."""
+        due = [self._next_resync] + [f.due for f in self.failures.values()]
+        return min(due)
+
     async def run(self) -> None:
         while True:
-            await self._wake.wait()
+            # Not leading: nothing is due (becoming leader requests a resync, which wakes us).
+            timeout = max(0.0, self.next_due() - self._now()) if self.is_leader() else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
             await asyncio.sleep(self.interval)
             if not self.is_leader():
@@ -113,34 +179,64 @@ class StatusWriter:
                 await self.flush()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                log.warning("writing ClusterPolicyStatus failed (%s); retrying", exc)
+            except Exception:  # a bug, not an API error (those are handled per object)
+                log.exception("status writer pass failed; retrying")
                 self._resync = True
-                self._wake.set()
                 await asyncio.sleep(1.0)
+                self._wake.set()
 
     async def flush(self) -> None:
-        if self._resync:
-            await self._resync_objects()
+        """One pass: list if due, delete orphans, write every dirty object whose retry is due."""
+        now = self._now()
+        if self._resync or now >= self._next_resync:
+            await self._resync_objects(now)
+        await self._delete_orphans(now)
         dirty, self._dirty = self._dirty, set()
+        hits = bad_key_hits(self.reports, self.engine)
         for key in sorted(dirty):
+            name = cps_name(*key)
             meta = self.world.policies.get(key)
             if meta is None:
+                if name not in self._deleting:
+                    self.failures.pop(name, None)  # nothing left to retry for it
                 continue
-            await self._write_one(meta)
+            failure = self.failures.get(name)
+            if failure is not None and failure.due > now:
+                self._dirty.add(key)  # its own backoff; the others go on
+                continue
+            try:
+                await asyncio.wait_for(self._write_one(meta, tuple(hits.get(key, ()))), self.call_timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._dirty.add(key)
+                await self._failed(name, exc, policy_reference(meta.namespace, meta.name, meta.uid))
+            else:
+                self.failures.pop(name, None)
             # facts() is CPU work (policy warnings); when no status changes nothing above awaits
             # I/O, so yield: a pass over every policy must not stall the syncer's commits.
             await asyncio.sleep(0)
 
-    async def _resync_objects(self) -> None:
-        listed = await self.kube.list_statuses()
-        wanted = {cps_name(ns, name): meta for (ns, name), meta in self.world.policies.items()}
+    async def _resync_objects(self, now: float) -> None:
+        """List every ClusterPolicyStatus. A failed listing is retried with backoff but does
+        not stop the writes: objects are then created (409 = adopted) and patched blind."""
+        listing_failure = self.failures.get("")
+        if listing_failure is not None and listing_failure.due > now:
+            return
+        try:
+            listed = await asyncio.wait_for(self.kube.list_statuses(), self.call_timeout * 6)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._failed("", exc, None)
+            return
+        self.failures.pop("", None)
+        wanted = self._wanted()
         for name, obj in listed.items():
             if name not in wanted and obj.get("metadata", {}).get("labels", {}).get(
                 "app.kubernetes.io/managed-by"
             ) == "netfence":
-                await self.kube.delete_status(name)
-                self.api_writes += 1
+                self._deleting.add(name)
         self.existing = {n for n in listed if n in wanted}
         self.written = {
             n: s for n in self.existing if (s := strip_times(listed[n].get("status"))) is not None
@@ -148,9 +244,65 @@ class StatusWriter:
         self.full_status = {n: listed[n]["status"] for n in self.existing if listed[n].get("status")}
         self._last_spec = {n: listed[n].get("spec", {}) for n in self.existing}
         self._resync = False
+        self._next_resync = now + self.resync_seconds
         self._dirty.update(self.world.policies)
 
-    def facts(self, meta: PolicyMeta) -> PolicyFacts:
+    def _wanted(self) -> set[str]:
+        return {cps_name(ns, name) for ns, name in self.world.policies}
+
+    async def _delete_orphans(self, now: float) -> None:
+        """Delete status objects whose policy is not in the world (however it left)."""
+        wanted = self._wanted()
+        self._deleting -= wanted
+        for name in sorted((self.existing - wanted) | self._deleting):
+            failure = self.failures.get(name)
+            if failure is not None and failure.due > now:
+                continue
+            try:
+                await asyncio.wait_for(self.kube.delete_status(name), self.call_timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._deleting.add(name)
+                await self._failed(name, exc, cps_reference(name))
+                continue
+            self.api_writes += 1
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        self.existing.discard(name)
+        self._deleting.discard(name)
+        self.written.pop(name, None)
+        self.full_status.pop(name, None)
+        self._last_spec.pop(name, None)
+        self.failures.pop(name, None)
+        self._rejections.pop(name, None)
+
+    async def _failed(self, name: str, exc: BaseException, involved: dict[str, str] | None) -> None:
+        """Record a failure of one object (``""``: the listing); post each distinct error once."""
+        failure = self.failures.setdefault(name, ObjectFailure())
+        failure.attempts += 1
+        failure.due = self._now() + backoff_delay(failure.attempts)
+        failure.error = api_error_text(exc)
+        what = f"ClusterPolicyStatus {name}" if name else "listing ClusterPolicyStatus objects"
+        log.warning("%s failed (attempt %d, retry in %.1fs): %s", what, failure.attempts,
+                    failure.due - self._now(), failure.error)
+        if involved is None or failure.reported == failure.error:
+            return
+        if name in self.existing:
+            involved = cps_reference(name)
+        failure.reported = failure.error
+        await self._event(involved, "StatusWriteFailed", f"writing ClusterPolicyStatus {name} failed: {failure.error}")
+
+    async def _event(self, involved: dict[str, str], reason: str, message: str) -> None:
+        try:
+            await asyncio.wait_for(self.kube.post_event(involved, reason, message), self.call_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("posting event %s about %s failed: %s", reason, involved.get("name"), api_error_text(exc))
+
+    def facts(self, meta: PolicyMeta, bad_keys: tuple[BadKeyHit, ...] = ()) -> PolicyFacts:
         view = self.engine.policy_view(meta.namespace, meta.name)
         warnings: list[str] = []
         error = self.world.policy_errors.get((meta.namespace, meta.name))
@@ -168,9 +320,10 @@ class StatusWriter:
             endpoints=len(view.endpoints),
             revision=revision,
             warnings=tuple(warnings),
+            bad_keys=bad_keys,
         )
 
-    async def _write_one(self, meta: PolicyMeta) -> None:
+    async def _write_one(self, meta: PolicyMeta, bad_keys: tuple[BadKeyHit, ...] = ()) -> None:
         name = cps_name(meta.namespace, meta.name)
         spec = {
             "policy": {"namespace": meta.namespace, "name": meta.name, "uid": meta.uid},
@@ -178,40 +331,41 @@ class StatusWriter:
             "generation": meta.generation,
         }
         if name not in self.existing:
-            try:
-                await self.kube.create_status(name, spec)
-            except ApiException as exc:
-                log.warning("creating ClusterPolicyStatus %s failed: %s", name, exc.reason)
-                raise
+            created = await self.kube.create_status(name, spec)
             self.api_writes += 1
             self.existing.add(name)
             self.written.pop(name, None)
-            self._last_spec[name] = spec
-        elif self._last_spec.get(name) != spec:
+            self.full_status.pop(name, None)
+            self._last_spec[name] = spec if created is not None else {}  # 409: adopt, and fix its spec
+        if self._last_spec.get(name) != spec:
             await self.kube.patch_spec(name, spec)
             self.api_writes += 1
             self._last_spec[name] = spec
-        status = compute_status(self.facts(meta), self.reports)
+        status = compute_status(self.facts(meta, bad_keys), self.reports)
         if self.written.get(name) == status:
             return
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         full = with_transition_times(status, self.full_status.get(name), now)
-        if not await self.kube.patch_status(name, full):
-            self.existing.discard(name)
+        try:
+            present = await self.kube.patch_status(name, full)
+        except ApiException as exc:
+            if exc.status not in (400, 422):
+                raise
+            # The status itself is invalid for this API server (e.g. a CRD with other limits):
+            # writing it again would fail again. Write what surely fits, with the error.
+            error = api_error_text(exc)
+            full = with_transition_times(reduced_status(status, error), self.full_status.get(name), now)
+            present = await self.kube.patch_status(name, full)
+            if present and self._rejections.get(name) != error:
+                self._rejections[name] = error
+                await self._event(cps_reference(name), "StatusRejected", f"status of {name} rejected: {error}")
+        else:
+            self._rejections.pop(name, None)
+        if not present:
+            self._forget(name)
             self._dirty.add((meta.namespace, meta.name))
             self._wake.set()
             return
         self.api_writes += 1
-        self.written[name] = status
+        self.written[name] = status  # also after a reduced write: retried only when the status changes
         self.full_status[name] = full
-
-    async def delete(self, namespace: str, name: str) -> None:
-        cps = cps_name(namespace, name)
-        if not self.is_leader():
-            return
-        await self.kube.delete_status(cps)
-        self.api_writes += 1
-        self.existing.discard(cps)
-        self.written.pop(cps, None)
-        self.full_status.pop(cps, None)
-        self._last_spec.pop(cps, None)

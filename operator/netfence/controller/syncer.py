@@ -9,6 +9,14 @@ also deletes state of objects removed while no controller ran and rewrites
 values someone changed or corrupted. A reconcile against matching state
 writes nothing.
 
+Foreign writes: the leader watches its own keys (``policies/``, ``sets/``,
+``sets2/``, ``endpoints/``, ``meta/``, ``commit``, ``pending``) and knows the
+revision of every transaction it wrote (``EtcdStore.txn_listeners``). An event
+at any other revision — someone else's put (valid or corrupt) or deletion —
+triggers a reconcile at once that rewrites exactly those keys (even if the
+stored value equals the desired one, so that its revision becomes the
+controller's again), typically within tens of milliseconds.
+
 Layout schema (``store/migration.py``): the engine produces *logical* keys;
 the syncer stores them in the layout ``schema`` that the migration gate
 allows (never above ``target_schema``, and only what every live agent
@@ -22,10 +30,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from netfence.model.compiler import ModelEngine
+from netfence.store.connection import RETRY_BACKOFF_MAX
 from netfence.store.election import LeaderElection
 from netfence.store.errors import NotLeaderError
 from netfence.store.etcd import EtcdStore
@@ -45,8 +54,21 @@ from netfence.store.migration import (
 log = logging.getLogger(__name__)
 
 OWNED_PREFIXES = ("policies/", "sets/", "sets2/", "endpoints/", "meta/")
+PROTOCOL_KEYS = ("commit", "pending")
 SCHEMA_KEY = "meta/schema"
 OBSERVED_KEY = "meta/observed"
+
+
+def is_guarded(key: str) -> bool:
+    """A key only the leading controller writes (not ``leader``, not ``status/`` reports)."""
+    return key.startswith(OWNED_PREFIXES) or key in PROTOCOL_KEYS
+
+
+def foreign_keys(revision: int, keys: Iterable[str], own_revisions: Collection[int]) -> set[str]:
+    """The guarded ``keys`` changed at ``revision`` if that is not a revision of our own transactions."""
+    if revision in own_revisions:
+        return set()
+    return {key for key in keys if is_guarded(key)}
 
 
 class EtcdSyncer:
@@ -82,6 +104,11 @@ class EtcdSyncer:
         self.agent_schemas: dict[str, frozenset[int]] = {}  # live node reports: node -> schemas read
         self.migrations: list[tuple[int, int, int]] = []  # (from, to, revision), for tests and logs
         self._stored_sets: dict[str, dict[str, bytes]] = {}  # schema >= 2: set key -> its stored keys
+        # Foreign writes (see the module docstring).
+        self._own_revisions: set[int] = set()  # revisions of our transactions not yet seen by the watch
+        self._foreign: dict[str, int] = {}  # guarded key -> revision of a foreign write, until rewritten
+        self.foreign_writes = 0  # foreign writes noticed (revisions), for tests and metrics
+        store.txn_listeners.append(self._own_revisions.add)
 
     def notify(self) -> None:
         """The engine changed (or the world was observed further): sync soon."""
@@ -111,6 +138,42 @@ class EtcdSyncer:
         return decide_schema(self.target_schema, self.schema, self.agent_schemas, required)
 
     async def run(self) -> None:
+        watcher = asyncio.create_task(self.watch_own_keys(), name="own-keys-watch")
+        try:
+            await self._run()
+        finally:
+            watcher.cancel()
+            await asyncio.wait({watcher}, timeout=2.0)  # bounded: a stuck gRPC stream must not hold us
+
+    async def watch_own_keys(self) -> None:
+        """Notice writes to our keys at revisions that are not ours, and have them rewritten at once."""
+        while True:
+            try:
+                async for revision, changes in self.store.watch_changes("", None):
+                    guarded = [key for key in changes if is_guarded(key)]
+                    if not guarded:
+                        continue
+                    if revision not in self._own_revisions:
+                        await self.store.writes_settled()  # a change being written may own this revision
+                    foreign = foreign_keys(revision, guarded, self._own_revisions)
+                    self._own_revisions.difference_update([r for r in self._own_revisions if r <= revision])
+                    fence = self.election.fence
+                    # Writes from before we were elected (a previous leader's) are covered by the
+                    # reconcile that follows every election; only later ones can be foreign to us.
+                    if foreign and self.election.is_leader and fence is not None and revision > fence.create_revision:
+                        self.foreign_writes += 1
+                        log.warning("foreign write at revision %d to %s; rewriting",
+                                    revision, ", ".join(sorted(foreign)))
+                        self._foreign.update(dict.fromkeys(foreign, revision))
+                        self.request_reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("watching our own keys failed (%s); reconciling and watching again", exc)
+                self.request_reconcile()  # events may have been missed meanwhile
+                await asyncio.sleep(1.0)
+
+    async def _run(self) -> None:
         backoff = 0.2
         while True:
             timeout = max(0.05, self.reconcile_seconds - (time.monotonic() - self._last_reconcile))
@@ -143,8 +206,8 @@ class EtcdSyncer:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._needs_reconcile = True
                 log.warning("etcd write failed (%s); retrying in %.1fs", self.last_error, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                await self.store.pause(backoff)  # ends early once etcd is reachable again
+                backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
                 self._wake.set()
 
     # ------------------------------------------------------------------
@@ -187,19 +250,29 @@ class EtcdSyncer:
         return {key: self.store.layout.encode(value) for key, value in values.items()}
 
     async def reconcile(self) -> None:
+        foreign, self._foreign = self._foreign, {}
+        try:
+            await self._reconcile(foreign)
+        except BaseException:
+            for key, revision in foreign.items():  # not rewritten yet: the next reconcile does it
+                self._foreign.setdefault(key, revision)
+            raise
+
+    async def _reconcile(self, foreign: Mapping[str, int]) -> None:
         snapshot = await self.store.read_all()
         self.engine.drain_changes()  # desired() below covers them
-        stored = self._stored_schema(snapshot.values.get(SCHEMA_KEY))
+        # A foreign meta/ value is never trusted (it would set the schema or the observed versions).
+        stored = self.schema if SCHEMA_KEY in foreign else self._stored_schema(snapshot.values.get(SCHEMA_KEY))
         self.schema = stored
         schema = self.wanted_schema()
         desired: dict[str, Any] = physical_state(self.engine.desired(), schema)
         desired[SCHEMA_KEY] = {"schema": schema}
-        observed = self._merged_observed(snapshot.values.get(OBSERVED_KEY))
+        observed = self._merged_observed(None if OBSERVED_KEY in foreign else snapshot.values.get(OBSERVED_KEY))
         desired[OBSERVED_KEY] = {"schema": 1, "resourceVersions": observed}
         changes: dict[str, bytes | None] = {}
         for key, value in desired.items():
             raw = snapshot.values.get(key)
-            if raw is None or not self._same(key, raw, value):
+            if raw is None or key in foreign or not self._same(key, raw, value):
                 changes[key] = self.store.layout.encode(value)
         migrating = schema != stored
         for key in snapshot.values:
@@ -216,6 +289,10 @@ class EtcdSyncer:
             log.info("reconcile: %d keys differ from the desired state; writing them", len(changes))
             self._written_observed = observed
             await self._commit(changes)
+        elif foreign.keys() & set(PROTOCOL_KEYS):
+            # Only the commit marker or `pending` was touched: a fresh commit of ours clears both.
+            self._written_observed = observed
+            await self._commit_marker()
         else:
             self._written_observed = observed
             commit_rev = snapshot.commit_revision
@@ -265,6 +342,15 @@ class EtcdSyncer:
             return False
         expected = json.loads(self.store.layout.encode(value))
         return bool(stored == expected)
+
+    async def _commit_marker(self) -> None:
+        fence = self.election.fence
+        if fence is None:
+            raise NotLeaderError("not the leader")
+        revision = await self.store.write_commit_only(fence)
+        self.commit_revision = revision
+        for callback in self.on_commit:
+            callback(revision, set())
 
     async def _commit(self, changes: dict[str, bytes | None]) -> None:
         fence = self.election.fence

@@ -160,6 +160,10 @@ class Dataplane:
             log.warning("drift: %s", diff)
         return bool(diffs)
 
+    def read_state(self) -> KernelState:
+        """Our chains (every family) and our sets with their members, as the kernel holds them now."""
+        return self._read_kernel(contents=True)
+
     def forget_applied(self) -> None:
         """Make the next ``apply()`` a full sync (after drift or a failed apply)."""
         self._applied = None

@@ -1,7 +1,7 @@
 """Render a NodeModel into the desired ipsets and iptables chains (pure).
 
 Layout (documented in docs/design.md, "iptables layout"): FORWARD jumps to
-NETFENCE-FORWARD, which returns established traffic and dispatches local
+NETFENCE-FORWARD, which returns established traffic (UDP: replies only) and dispatches local
 endpoints by IP to per-endpoint chains; those jump to per-policy chains that
 set the accept mark bit, and DROP what no policy marked.
 """
@@ -12,10 +12,11 @@ import ipaddress
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from netfence.dataplane.members import SET_TYPE, family_members
 from netfence.dataplane.names import Direction, endpoint_chain, policy_chain, set_name
+from netfence.dataplane.pins import Pinned, set_kind
 from netfence.dataplane.ruleset import (
     ACCEPT_MARK,
     FAMILIES,
@@ -26,6 +27,7 @@ from netfence.dataplane.ruleset import (
     Family,
     IpSet,
     Ruleset,
+    is_owned_chain,
 )
 from netfence.model.enforcement import CompiledPort, CompiledRule, Endpoint, NodeModel, SetKind
 
@@ -34,11 +36,24 @@ log = logging.getLogger(__name__)
 MARK_ACCEPT = f"-j MARK --set-xmark {ACCEPT_MARK:#x}/{ACCEPT_MARK:#x}"
 MARK_CLEAR = f"-j MARK --set-xmark 0x0/{ACCEPT_MARK:#x}"
 RETURN_IF_ACCEPTED = f"-m mark --mark {ACCEPT_MARK:#x}/{ACCEPT_MARK:#x} -j RETURN"
-ESTABLISHED_RETURN = "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+#: The conntrack shortcut at the top of NETFENCE-FORWARD ("Established flows" in docs/design.md):
+#: established/related TCP, SCTP and ICMP (errors included) return in both directions, so
+#: connections outlive a policy that starts denying them; UDP returns only in the reply
+#: direction, so every original-direction datagram is checked against the current policy
+#: and a UDP flow stops the moment a deny is committed. Spelled as iptables-save prints it.
+ESTABLISHED_RETURN: tuple[str, ...] = (
+    "-p udp -m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j RETURN",
+    "! -p udp -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+)
 _MULTIPORT_SLOTS = 15  # xt_multiport: 15 ports, a range takes two
 _COMMENT_SAFE = re.compile(r"[^ A-Za-z0-9._/:-]")
 _PROTOS = ("tcp", "udp", "sctp")
 _SET_REF = re.compile(r"--match-set (\S+) ")
+_TARGET = re.compile(r"-[jg] (\S+)")
+DIRECTIONS: tuple[Direction, ...] = ("ingress", "egress")
+#: Feature ids (reported in a node report's ``unenforceable``) -> the Features field.
+SCTP_PORT_MATCH = "sctp-port-match"
+FEATURE_FIELDS: dict[str, str] = {SCTP_PORT_MATCH: "sctp_port_match"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +62,9 @@ class Features:
 
     ``sctp_port_match``: ``-p sctp -m sctp --dport`` loads. With the nf_tables
     backend it is translated to a native payload match and loads even without
-    the SCTP kernel module; when False, SCTP port rules degrade to ``-p sctp``
-    (any SCTP port, logged as a warning).
+    the SCTP kernel module; when False, a rule's SCTP ports match nothing (the
+    rule never allows SCTP: fail closed), and :func:`unenforceable` lists the
+    policies concerned for the node report.
     ``drop_invalid``: endpoint chains drop conntrack INVALID packets before
     evaluating policies (as Calico does).
     """
@@ -56,6 +72,15 @@ class Features:
     ipv6: bool = True
     sctp_port_match: bool = True
     drop_invalid: bool = True
+
+    def without(self, feature_ids: Iterable[str]) -> Features:
+        """These Features with the named kernel features (``FEATURE_FIELDS`` ids) switched off."""
+        off: dict[str, bool] = {}
+        for feature in feature_ids:
+            if feature not in FEATURE_FIELDS:
+                raise ValueError(f"unknown feature {feature!r}; known: {', '.join(sorted(FEATURE_FIELDS))}")
+            off[FEATURE_FIELDS[feature]] = False
+        return replace(self, **off)
 
 
 def _comment(text: str) -> str:
@@ -103,14 +128,30 @@ class _FamilyRenderer:
     model: NodeModel
     family: Family
     features: Features
+    pins: Pinned = field(default_factory=Pinned)
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     set_ids: dict[str, str] = field(default_factory=dict)  # ipset name -> set id
     warned_sctp: bool = False
 
+    @property
+    def pinned_chains(self) -> dict[str, tuple[str, ...]]:
+        return self.pins.chains.get(self.family, {})
+
     # ---- sets ---------------------------------------------------------------
-    def _set_ref(self, set_id: str, want: Iterable[SetKind]) -> str | None:
+    def _pinned_set(self, set_id: str) -> IpSet | None:
+        """The kernel's copy of a set that has no good value (carried over verbatim), if any."""
+        return self.pins.sets.get(set_name(self.family, set_id)) if self.pins.sets else None
+
+    def _kind(self, set_id: str) -> SetKind | None:
         peer_set = self.model.sets.get(set_id)
-        if peer_set is None or peer_set.kind not in want:
+        if peer_set is not None:
+            return peer_set.kind
+        pinned = self._pinned_set(set_id)
+        return None if pinned is None else set_kind(pinned.type)
+
+    def _set_ref(self, set_id: str, want: Iterable[SetKind]) -> str | None:
+        kind = self._kind(set_id)
+        if kind is None or kind not in want:
             log.warning("set %r missing or of the wrong kind; its rules never match", set_id)
             return None
         name = set_name(self.family, set_id)
@@ -118,19 +159,34 @@ class _FamilyRenderer:
         return name
 
     def ipsets(self, chains: dict[str, tuple[str, ...]]) -> list[IpSet]:
-        """The sets that the rendered ``chains`` refer to (and only those)."""
+        """The sets that the rendered ``chains`` refer to (and only those).
+
+        A set with a good value is rendered from the model; one without (a
+        bad key, or referenced only by a pinned chain) is the kernel's copy.
+        """
         used = {m for rules in chains.values() for r in rules for m in _SET_REF.findall(r)}
+        by_name: dict[str, str] | None = None
         out = []
-        for sid in sorted({self.set_ids[name] for name in used}):
-            ps = self.model.sets[sid]
-            out.append(
-                IpSet(
-                    name=set_name(self.family, sid),
-                    type=SET_TYPE[ps.kind],
-                    family=SET_FAMILY[self.family],
-                    members=family_members(ps.kind, ps.members, self.family),
+        for name in sorted(used):
+            sid = self.set_ids.get(name)
+            if sid is None or sid not in self.model.sets:
+                if by_name is None:
+                    by_name = {set_name(self.family, s): s for s in self.model.sets}
+                sid = by_name.get(name, sid)
+            ps = self.model.sets.get(sid) if sid is not None else None
+            if ps is not None:
+                out.append(
+                    IpSet(
+                        name=name,
+                        type=SET_TYPE[ps.kind],
+                        family=SET_FAMILY[self.family],
+                        members=family_members(ps.kind, ps.members, self.family),
+                    )
                 )
-            )
+            elif name in self.pins.sets:
+                out.append(self.pins.sets[name])
+            else:  # cannot happen: rendered rules name model or pinned sets, pinned rules carry theirs
+                raise ValueError(f"rendered rules refer to set {name}, which is neither in the model nor pinned")
         return out
 
     # ---- policy chains ------------------------------------------------------
@@ -148,9 +204,10 @@ class _FamilyRenderer:
                 any_port.add(proto)
             elif proto == "sctp" and not self.features.sctp_port_match:
                 if not self.warned_sctp:
-                    log.warning("kernel lacks SCTP port matching: SCTP port rules match any SCTP port")
+                    log.warning("the kernel cannot match SCTP ports: SCTP port rules match nothing (%s)",
+                                SCTP_PORT_MATCH)
                     self.warned_sctp = True
-                any_port.add(proto)
+                continue  # fail closed: never "any SCTP port"
             else:
                 hi = port.port if port.end_port is None else port.end_port
                 if not 1 <= port.port <= hi <= 65535:
@@ -170,9 +227,7 @@ class _FamilyRenderer:
         """The rule's lines, cached: they depend only on the family, direction, rule, SCTP
         support and the kind (or absence) of the sets it names, and the agent renders its
         whole model on every commit. Warnings are logged when a rule is first rendered."""
-        kinds = tuple(
-            (sid, ps.kind if (ps := self.model.sets.get(sid)) is not None else None) for sid in _rule_set_ids(rule)
-        )
+        kinds = tuple((sid, self._kind(sid)) for sid in _rule_set_ids(rule))
         key = (self.family, direction, rule, self.features.sctp_port_match, kinds)
         hit = _RULE_CACHE.get(key)
         if hit is None:
@@ -223,6 +278,11 @@ class _FamilyRenderer:
         for key in keys:
             policy = self.model.policies.get(key)
             if policy is None:
+                pinned = policy_chain(direction, key)
+                if pinned in self.pinned_chains:  # no good value: the kernel's rules for it stay
+                    self.chains[pinned] = self.pinned_chains[pinned]
+                    jumps[pinned] = None
+                    continue
                 log.warning("endpoint %s refers to unknown policy %s (treated as deny)", ep.key, key)
                 continue
             rules = policy.ingress if direction == "ingress" else policy.egress
@@ -265,20 +325,87 @@ class _FamilyRenderer:
             tw = self.endpoint_chain(ep, "ingress")
             from_wl += [f"-s {ip}/{mask} -g {fw}" for ip in ips if fw]
             to_wl += [f"-d {ip}/{mask} -g {tw}" for ip in ips if tw]
+        # Endpoints without a good value keep their kernel dispatch (and chains, pulled in below).
+        pinned_dispatch = self.pins.dispatch.get(self.family, {})
+        from_wl += [ln for ln in pinned_dispatch.get(FROM_WL_CHAIN, ()) if ln not in from_wl]
+        to_wl += [ln for ln in pinned_dispatch.get(TO_WL_CHAIN, ()) if ln not in to_wl]
         self.chains[FROM_WL_CHAIN] = tuple(from_wl)
         self.chains[TO_WL_CHAIN] = tuple(to_wl)
-        self.chains[FORWARD_CHAIN] = (ESTABLISHED_RETURN, f"-j {FROM_WL_CHAIN}", f"-j {TO_WL_CHAIN}")
+        self.chains[FORWARD_CHAIN] = (*ESTABLISHED_RETURN, f"-j {FROM_WL_CHAIN}", f"-j {TO_WL_CHAIN}")
         # Policy chains that ended up empty are never jumped to: leave them out.
-        return {n: rules for n, rules in sorted(self.chains.items()) if rules or n.startswith("NETFENCE-")}
+        out = {n: rules for n, rules in self.chains.items() if rules or n.startswith("NETFENCE-")}
+        self._add_jump_targets(out)
+        return dict(sorted(out.items()))
+
+    def _add_jump_targets(self, out: dict[str, tuple[str, ...]]) -> None:
+        """Add the chains that pinned rules jump to but were not rendered (from the kernel, or empty)."""
+        todo = [t for rules in out.values() for r in rules for t in _TARGET.findall(r)]
+        by_chain: dict[str, tuple[Direction, str]] | None = None
+        while todo:
+            target = todo.pop()
+            if target in out or not is_owned_chain(target):
+                continue
+            if target not in self.chains and target.startswith(("nf-pi-", "nf-po-")):
+                if by_chain is None:  # a pinned endpoint jumps to a policy with a good value: render it
+                    by_chain = {
+                        policy_chain(d, key): (d, key) for key in self.model.policies for d in DIRECTIONS
+                    }
+                if target in by_chain:
+                    direction, key = by_chain[target]
+                    policy = self.model.policies[key]
+                    compiled = (policy.ingress if direction == "ingress" else policy.egress) or ()
+                    self.policy_chain(direction, key, compiled)
+            if target in self.chains:
+                rules = self.chains[target]  # rendered (possibly empty: the policy matches nothing)
+            elif target in self.pinned_chains:
+                rules = self.pinned_chains[target]
+            else:
+                continue  # pins always carry the chains their rules need
+            out[target] = rules
+            todo += [t for r in rules for t in _TARGET.findall(r)]
 
 
-def render(model: NodeModel, *, features: Features = Features()) -> Ruleset:
-    """The desired Ruleset for ``model`` (deterministic: equal input, equal output)."""
+def render(model: NodeModel, *, features: Features = Features(), pinned: Pinned | None = None) -> Ruleset:
+    """The desired Ruleset for ``model`` (deterministic: equal input, equal output).
+
+    ``pinned``: rules and sets carried over verbatim from the kernel for keys
+    that have no good value (dataplane/pins.py): an endpoint referring to a
+    policy missing from the model jumps to the policy's pinned chain, a rule
+    naming a missing set uses the pinned set, and pinned endpoints keep their
+    dispatch and chains.
+    """
     families = FAMILIES if features.ipv6 else FAMILIES[:1]
     sets: list[IpSet] = []
     chains: dict[Family, dict[str, tuple[str, ...]]] = {}
     for family in families:
-        renderer = _FamilyRenderer(model, family, features)
+        renderer = _FamilyRenderer(model, family, features, pinned or Pinned())
         chains[family] = renderer.render()
         sets.extend(renderer.ipsets(chains[family]))
     return Ruleset.build(sets, chains)
+
+
+def unenforceable(model: NodeModel, features: Features) -> list[tuple[str, str]]:
+    """``(policy key, feature id)`` of policies applied on this node with rules the kernel cannot match.
+
+    Those rules are rendered to match nothing (see ``Features``); the agent
+    lists these pairs in its report's ``unenforceable``.
+    """
+    if features.sctp_port_match:
+        return []
+    found: set[tuple[str, str]] = set()
+    for ep in model.endpoints.values():
+        if not ep.ips:
+            continue
+        for direction, keys in (("ingress", ep.ingress), ("egress", ep.egress)):
+            for key in keys:
+                policy = model.policies.get(key)
+                if policy is None:
+                    continue
+                rules = (policy.ingress if direction == "ingress" else policy.egress) or ()
+                if any(_sctp_port(port) for rule in rules for port in rule.ports or ()):
+                    found.add((key, SCTP_PORT_MATCH))
+    return sorted(found)
+
+
+def _sctp_port(port: CompiledPort) -> bool:
+    return port.protocol.lower() == "sctp" and port.port is not None and port.named_set is None

@@ -133,6 +133,15 @@ class ModelEngine(MembershipState):
                         out.add((ns, name))
         return out
 
+    def set_policies(self, set_id: str) -> frozenset[PolicyKey]:
+        """Policies whose compiled rules reference set ``set_id`` (empty if unknown)."""
+        state = self._sets.get(set_id)
+        return frozenset(state.refs) if state is not None else frozenset()
+
+    def endpoint_policies(self, namespace: str, name: str) -> frozenset[PolicyKey]:
+        """Policies that select the pod ``namespace/name``."""
+        return frozenset(self._pod_policies.get((namespace, name), ()))
+
     # ---- internals: rendering ------------------------------------------------
 
     def _endpoint(self, key: PodKey) -> Endpoint | None:

@@ -5,6 +5,12 @@ is absent (``create_revision == 0``). The winner's :class:`Fence` (the key's
 create revision) conditions every write, so a deposed leader cannot write
 even before it notices. Losers watch the key until it is deleted (resign,
 revoke or lease expiry) and try again.
+
+A leader that loses etcd steps down once its lease is presumed expired; its
+revoke fails then, and etcd, when it comes back, restores the lease (and the
+``leader`` key with it) with a fresh TTL. So the lease is remembered and
+revoked before the next campaign: the old key goes at once instead of a TTL
+after etcd's return.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class LeaderElection:
         self._fence: Fence | None = None
         self._keeper: LeaseKeeper | None = None
         self._lease_id = 0
+        self._unrevoked: set[int] = set()  # our leases whose revoke failed (etcd was away)
         self._stop = asyncio.Event()
 
     @property
@@ -82,8 +89,8 @@ class LeaderElection:
             except StoreError as exc:
                 self._step_down(f"etcd error: {exc}")
                 log.warning("election %s: %s; retrying in %.1fs", self.identity, exc, self.retry_interval)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.retry_interval)
+                # the wait ends early when etcd is reachable again (or when stopping)
+                await first_of(self._stop.wait(), self.store.pause(self.retry_interval))
 
     async def resign(self) -> None:
         """Stop campaigning and hand leadership over at once (revokes the lease)."""
@@ -104,6 +111,9 @@ class LeaderElection:
                 self.on_lost()
 
     async def _campaign(self) -> None:
+        for stale in sorted(self._unrevoked):
+            await self.store.revoke_lease(stale)  # releases a leader key etcd restored with it
+            self._unrevoked.discard(stale)
         lease_id = await self.store.grant_lease(self.ttl)
         self._lease_id = lease_id
         keeper = LeaseKeeper(self.store, self.ttl, lease_id=lease_id, regrant=False)
@@ -127,8 +137,10 @@ class LeaderElection:
         finally:
             self._lease_id = 0
             self._step_down("campaign ended")
-            with contextlib.suppress(StoreError):
+            try:
                 await self.store.revoke_lease(lease_id)
+            except StoreError:
+                self._unrevoked.add(lease_id)
 
     async def _acquire(self, keeper: LeaseKeeper, lease_id: int) -> int | None:
         """Create the leader key; None if the lease was lost or we are stopping first."""

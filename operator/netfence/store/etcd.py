@@ -25,35 +25,36 @@ Committed reader protocol:
 Only *committed* keys (``policies/``, ``sets/``, ``endpoints/``, ``meta/``)
 appear in committed states and batches.
 
-Failure behaviour: every unary call is bounded by ``EtcdConfig.timeout`` and
+Failure behaviour: every unary call is bounded by ``EtcdSettings.timeout`` and
 raises :class:`EtcdUnavailable` when etcd does not answer; watches reconnect
 transparently and raise :class:`EtcdUnavailable` after
-``watch_retry_timeout`` seconds without a response.
+``watch_retry_timeout`` seconds without a response. The gRPC channel
+(``store/connection.py``) reconnects at most 1 s apart and is rebuilt when
+calls keep failing; :meth:`EtcdStore.pause` is the wait of retry loops, cut
+short when etcd is reachable again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 from etcd3aio import EtcdConnectionError, EtcdTransientError, prefix_range_end
-from etcd3aio.connections import ConnectionManager
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
 
 from netfence.store import layout as L
+from netfence.store.commit_window import CommitWindow, foreign_in_snapshot
+from netfence.store.connection import Connection, resolve_endpoints
 from netfence.store.errors import (
     CompactedError,
     CorruptValueError,
@@ -62,6 +63,7 @@ from netfence.store.errors import (
     StoreError,
 )
 from netfence.store.lease import LeaseKeeper
+from netfence.store.settings import MAX_OPS_PER_TXN, EtcdSettings
 from netfence.store.types import (
     Acquired,
     CommitBatch,
@@ -78,9 +80,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_OPS_PER_TXN = 120
-ETCD_MAX_TXN_OPS = 128
-_PROTOCOL_OPS = 2  # the pending marker (first txn) / pending delete + commit put (last txn)
+# The store's settings are netfence.store.settings.EtcdSettings (pure, shared with
+# netfence.config); EtcdConfig is the name it had here before.
+EtcdConfig = EtcdSettings
 
 __all__ = [
     "MAX_OPS_PER_TXN",
@@ -88,101 +90,34 @@ __all__ = [
     "CommitBatch",
     "CommittedState",
     "EtcdConfig",
+    "EtcdSettings",
     "EtcdStore",
     "Fence",
     "KeyVersion",
     "Reports",
     "Snapshot",
+    "resolve_endpoints",  # lives in store/connection.py
 ]
-
-PathLike = str | os.PathLike[str]
-
-
-@dataclass(frozen=True)
-class EtcdConfig:
-    endpoints: list[str] = field(default_factory=lambda: ["127.0.0.1:2379"])
-    prefix: str = L.DEFAULT_PREFIX
-    ca_file: PathLike | None = None
-    cert_file: PathLike | None = None
-    key_file: PathLike | None = None
-    timeout: float = 5.0
-    max_ops_per_txn: int = MAX_OPS_PER_TXN
-    page_size: int = 1000
-    watch_probe_interval: float = 5.0
-    watch_retry_timeout: float = 30.0
-    tls_server_name: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.endpoints:
-            raise ValueError("at least one etcd endpoint is required")
-        if not 1 <= self.max_ops_per_txn <= ETCD_MAX_TXN_OPS - _PROTOCOL_OPS:
-            raise ValueError(f"max_ops_per_txn must be in 1..{ETCD_MAX_TXN_OPS - _PROTOCOL_OPS}")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        if self.cert_file is not None and self.ca_file is None:
-            raise ValueError("client certificates need ca_file")
 
 
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _endpoint(url: str) -> str:
-    for scheme in ("http://", "https://"):
-        if url.startswith(scheme):
-            url = url[len(scheme) :]
-    return url.rstrip("/")
-
-
-Resolver = Callable[[str, int], list[str]]
-
-
-def _resolve_ipv4(host: str, port: int) -> list[str]:
-    infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
-    return sorted({str(info[4][0]) for info in infos})
-
-
-def resolve_endpoints(
-    endpoints: Sequence[str], resolver: Resolver = _resolve_ipv4
-) -> tuple[list[str], str | None]:
-    """``host:port`` endpoints as ``ip:port`` targets, plus the TLS server name to verify.
-
-    etcd3aio dials an ``ipv4:`` target, which takes addresses only; host names
-    (a Service name, an external etcd's DNS name) are resolved here, every
-    address becoming a round-robin target, and the first host name is what the
-    server certificate is checked against.
-    """
-    targets: list[str] = []
-    server_name: str | None = None
-    for raw in endpoints:
-        host, _, port = _endpoint(raw).rpartition(":")
-        try:
-            ipaddress.ip_address(host)
-            targets.append(f"{host}:{port}")
-            continue
-        except ValueError:
-            pass
-        try:
-            addresses = resolver(host, int(port))
-        except OSError as exc:
-            raise EtcdUnavailable(f"cannot resolve etcd endpoint {raw!r}: {exc}") from exc
-        targets.extend(f"{address}:{port}" for address in addresses)
-        server_name = server_name or host
-    return targets, server_name
-
 
 class EtcdStore:
     """Async etcd access for Netfence. ``connect()`` before use, ``close()`` after."""
 
-    def __init__(self, config: EtcdConfig, identity: str | None = None) -> None:
+    def __init__(self, config: EtcdSettings, identity: str | None = None) -> None:
         self.config = config
         self.layout = L.Layout(config.prefix)
         self.identity = identity or f"{socket.gethostname()}/{os.getpid()}"
-        self._channel: grpc.aio.Channel | None = None
-        self._kv_service: KVService | None = None
-        self._lease_service: LeaseService | None = None
+        self.connection = Connection(config)
         self._seq: int | None = None
         self._write_lock = asyncio.Lock()  # one change at a time (seq numbers, the pending marker)
+        #: Called with the revision of every transaction of ours that etcd applied (the
+        #: controller tells its own writes from foreign ones by these, controller/syncer.py).
+        self.txn_listeners: list[Callable[[int], None]] = []
         self._watch_settings = WatchSettings(
             probe_interval=config.watch_probe_interval, retry_timeout=config.watch_retry_timeout
         )
@@ -190,30 +125,21 @@ class EtcdStore:
     # -- lifecycle -------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the channel and check that etcd answers (EtcdUnavailable if not)."""
-        cfg = self.config
+        """Open the channel (if not open) and check that etcd answers (EtcdUnavailable if not).
 
-        async def read(path: PathLike | None) -> bytes | None:
-            return None if path is None else await asyncio.to_thread(Path(path).read_bytes)
-
-        targets, server_name = await asyncio.to_thread(resolve_endpoints, cfg.endpoints)
-        manager = ConnectionManager(targets)
-        self._channel = manager.get_channel(
-            ca_cert=await read(cfg.ca_file),
-            cert_key=await read(cfg.key_file),
-            cert_chain=await read(cfg.cert_file),
-            tls_server_name=cfg.tls_server_name or server_name,
-        )
-        self._kv_service = KVService(self._channel)
-        self._lease_service = LeaseService(self._channel)
-        await self._call("connect", self._kv.get(self.layout.key(L.COMMIT), timeout=cfg.timeout))
+        May be called again after a failure: the channel stays and keeps reconnecting.
+        """
+        await self.connection.open()
+        key = self.layout.key(L.COMMIT)
+        await self._call("connect", self._kv.get(key, timeout=self.config.timeout))
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-        self._channel = None
-        self._kv_service = None
-        self._lease_service = None
+        await self.connection.close()
+
+    async def pause(self, delay: float) -> None:
+        """The wait of a retry loop after an etcd error: ``delay`` seconds, or less when
+        the channel was down and is connected again (see store/connection.py)."""
+        await self.connection.pause(delay)
 
     async def __aenter__(self) -> EtcdStore:
         await self.connect()
@@ -224,23 +150,26 @@ class EtcdStore:
 
     @property
     def _kv(self) -> KVService:
-        if self._kv_service is None:
-            raise StoreError("EtcdStore is not connected")
-        return self._kv_service
+        return self.connection.kv
 
     @property
     def _lease(self) -> LeaseService:
-        if self._lease_service is None:
-            raise StoreError("EtcdStore is not connected")
-        return self._lease_service
+        return self.connection.lease
 
     @property
     def channel(self) -> grpc.aio.Channel:
-        if self._channel is None:
-            raise StoreError("EtcdStore is not connected")
-        return self._channel
+        return self.connection.channel
 
     async def _call(self, what: str, call: Awaitable[T], revision: int = 0) -> T:
+        try:
+            result = await self._translate(what, call, revision)
+        except EtcdUnavailable as exc:
+            await self.connection.failed(str(exc))
+            raise
+        self.connection.succeeded()
+        return result
+
+    async def _translate(self, what: str, call: Awaitable[T], revision: int) -> T:
         try:
             return await call
         except TimeoutError as exc:
@@ -250,6 +179,8 @@ class EtcdStore:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (exc.details() or ""):
                 raise CompactedError(revision) from exc
+            if exc.code() == grpc.StatusCode.CANCELLED:  # its channel was closed (replaced)
+                raise EtcdUnavailable(f"{what}: cancelled ({exc.details()})") from exc
             raise StoreError(f"{what}: {exc.code().name} {exc.details()}") from exc
 
     async def _probe(self) -> None:
@@ -324,6 +255,7 @@ class EtcdStore:
 
     def _committed(self, kvs: list[Any], revision: int, include: Include | None) -> CommittedState:
         values: dict[str, bytes] = {}
+        mods: dict[str, int] = {}
         commit_revision = 0
         for kv in kvs:
             rel = self.layout.relative(bytes(kv.key))
@@ -331,7 +263,13 @@ class EtcdStore:
                 commit_revision = int(kv.mod_revision)
             elif L.is_committed_key(rel) and (include is None or include(rel)):
                 values[rel] = bytes(kv.value)
-        return CommittedState(values, commit_revision, revision)
+                mods[rel] = int(kv.mod_revision)
+        foreign = foreign_in_snapshot(mods, commit_revision)
+        for rel in foreign:
+            log.warning("%s was written outside a controller change (revision %d); not taken as committed",
+                        rel, foreign[rel])
+            del values[rel], mods[rel]
+        return CommittedState(values, commit_revision, revision, foreign, mods)
 
     async def committed_snapshot(
         self, include: Include | None = None, *, max_wait: float = 30.0
@@ -370,13 +308,13 @@ class EtcdStore:
         key = self.layout.key(rel)
         end = prefix_range_end(key) if prefix else b""
         start = 0 if after_revision is None else after_revision + 1
-        stream = watch_revisions(self.channel, key, end, start, self._watch_settings, self._probe)
+        stream = watch_revisions(self.connection, key, end, start, self._watch_settings, self._probe)
         async with contextlib.aclosing(stream):
             async for revision, events in stream:
                 yield revision, {self.layout.relative(ev.key): ev.value for ev in events}
 
     async def follow_commits(
-        self, after_revision: int, include: Include | None = None
+        self, after_revision: int, include: Include | None = None, *, foreign_batches: bool = False
     ) -> AsyncGenerator[CommitBatch, None]:
         """Committed changes after ``after_revision``, one batch per commit marker.
 
@@ -386,30 +324,32 @@ class EtcdStore:
         compacted the history after ``after_revision`` and a commit happened
         since, CompactedError is raised (take a new snapshot and follow from
         it); compacted history that held no commit is skipped safely.
+
+        A committed-key write outside a controller change window (see
+        store/commit_window.py) is *foreign*: it is never in ``changes``; it is
+        listed in the next batch's ``foreign``, or at once in a batch with
+        ``is_commit`` False when ``foreign_batches`` is set.
         """
-        position = after_revision  # the last commit revision delivered (or the start)
+        window = CommitWindow(after_revision, include)
         start = after_revision
-        buffer: dict[str, bytes | None] = {}
         while True:
             try:
                 stream = self.watch_changes("", start)
                 async with contextlib.aclosing(stream):
                     async for revision, changes in stream:
-                        committed = False
-                        for rel, value in changes.items():
-                            if rel == L.COMMIT:
-                                committed = committed or value is not None
-                            elif L.is_committed_key(rel) and (include is None or include(rel)):
-                                buffer[rel] = value
-                        if committed:
-                            batch = CommitBatch(buffer, revision)
-                            position = start = revision
-                            buffer = {}
+                        batch, foreign = window.feed(revision, changes)
+                        for rel, rev in foreign.items():
+                            log.warning("%s was written outside a controller change (revision %d); "
+                                        "not applied", rel, rev)
+                        if batch is not None:
+                            start = revision
                             yield batch
+                        elif foreign and foreign_batches:
+                            yield CommitBatch({}, window.position, foreign=foreign, is_commit=False)
                 raise EtcdUnavailable("the etcd watch ended")  # watch_changes never ends normally
             except CompactedError as exc:
-                start = await self._resume_after(position, exc)
-                buffer = {}
+                start = await self._resume_after(window.position, exc)
+                window.restart()
 
     async def _resume_after(self, position: int, exc: CompactedError) -> int:
         """Where to resume a commit watch positioned at ``position`` after a compaction.
@@ -486,6 +426,11 @@ class EtcdStore:
         async with self._write_lock:
             return await self._write_ops_locked(ops, fence)
 
+    async def writes_settled(self) -> None:
+        """Return once no change of ours is being written (its revisions have reached ``txn_listeners``)."""
+        async with self._write_lock:
+            return
+
     async def _write_ops_locked(self, ops: list[Any], fence: Fence | None) -> int:
         size = self.config.max_ops_per_txn
         chunks = [ops[i : i + size] for i in range(0, len(ops), size)] or [[]]
@@ -519,6 +464,8 @@ class EtcdStore:
                     partial=index > 0,
                 )
             revision = int(resp.header.revision)
+            for listener in self.txn_listeners:
+                listener(revision)
         self._seq = seq
         log.debug("committed change seq %d at revision %d in %d txn(s)", seq, revision, len(chunks))
         return revision
@@ -562,6 +509,9 @@ class EtcdStore:
     async def keep_alive_once(self, lease_id: int, wait: float | None = None) -> int:
         """Refresh a lease once (waiting at most ``wait`` s); returns its TTL (<= 0: expired)."""
         limit = self.config.timeout if wait is None else wait
+        return await self._call("lease keepalive", self._keep_alive_read(lease_id, limit))
+
+    async def _keep_alive_read(self, lease_id: int, limit: float) -> int:
         call = self._lease.keep_alive(lease_id)
         try:
             async with asyncio.timeout(limit):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 Include = Callable[[str], bool]
@@ -37,20 +37,34 @@ class CommittedState:
     """Committed keys as of ``commit_revision`` (0: nothing ever committed).
 
     ``revision`` is the store revision the state was read at (>= commit_revision).
-    ``follow_commits`` may be started from either.
+    ``follow_commits`` may be started from either. ``foreign``: keys written
+    after the last commit, outside any controller change (key -> revision);
+    they are not in ``values`` (store/commit_window.py). ``mod_revisions``:
+    the mod revision of every key in ``values``.
     """
 
     values: dict[str, bytes]
     commit_revision: int
     revision: int
+    foreign: dict[str, int] = field(default_factory=dict)
+    mod_revisions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class CommitBatch:
-    """Committed keys changed since the previous batch (None: deleted), as of ``commit_revision``."""
+    """Committed keys changed since the previous batch (None: deleted), as of ``commit_revision``.
+
+    ``foreign``: keys written outside a controller change since the previous
+    batch (key -> revision; not in ``changes``, see store/commit_window.py).
+    ``is_commit`` False: a batch reporting only foreign writes, delivered at
+    once (``follow_commits(..., foreign_batches=True)``); ``commit_revision``
+    is then the last commit's.
+    """
 
     changes: dict[str, bytes | None]
     commit_revision: int
+    foreign: dict[str, int] = field(default_factory=dict)
+    is_commit: bool = True
 
 
 @dataclass(frozen=True, slots=True)

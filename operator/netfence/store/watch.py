@@ -13,7 +13,11 @@ drives the gRPC Watch stream itself:
   for this: etcd defers their answer while the watch start revision is in
   the future); if etcd does not answer the stream is re-established;
 * if neither the stream nor a probe succeeds for ``retry_timeout`` seconds in
-  a row (across reconnects) it raises :class:`EtcdUnavailable`.
+  a row (across reconnects) it raises :class:`EtcdUnavailable`;
+* it opens each stream on the connection's current channel: a failed stream
+  counts towards rebuilding the channel, a stream cancelled because its channel
+  was replaced resumes at once on the new one, and the wait before a retry ends
+  as soon as the channel is connected again (``store/connection.py``).
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchStub
 
+from netfence.store.connection import RETRY_BACKOFF_MAX
 from netfence.store.errors import CompactedError, EtcdUnavailable, StoreError
 from netfence.store.tasks import cancel_and_wait
 
@@ -52,12 +57,25 @@ class RawEvent:
 Probe = Callable[[], Awaitable[object]]
 
 
+class ChannelSource(Protocol):
+    """Where a watch gets its channel, and whom it tells how the channel does (``Connection``)."""
+
+    @property
+    def channel(self) -> grpc.aio.Channel: ...
+
+    def succeeded(self) -> None: ...
+
+    async def failed(self, reason: str) -> None: ...
+
+    async def pause(self, delay: float) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class WatchSettings:
     probe_interval: float = 5.0
     retry_timeout: float = 30.0
     initial_backoff: float = 0.1
-    max_backoff: float = 2.0
+    max_backoff: float = RETRY_BACKOFF_MAX
 
 
 async def _requests(create: WatchCreateRequest) -> AsyncIterator[WatchRequest]:
@@ -87,7 +105,7 @@ async def _read(call: Any, probe: Probe, interval: float) -> Any:
 
 
 async def watch_revisions(
-    channel: grpc.aio.Channel,
+    source: ChannelSource,
     key: bytes,
     range_end: bytes,
     start_revision: int,
@@ -101,7 +119,6 @@ async def watch_revisions(
     Raises CompactedError, EtcdUnavailable, or StoreError (watch cancelled by
     the server for another reason).
     """
-    stub = WatchStub(channel)
     next_revision = start_revision
     silent_since = time.monotonic()
     backoff = settings.initial_backoff
@@ -115,13 +132,15 @@ async def watch_revisions(
         create = WatchCreateRequest(
             key=key, range_end=range_end, start_revision=next_revision, progress_notify=True
         )
-        call = stub.Watch(_requests(create))
+        channel = source.channel
+        call = WatchStub(channel).Watch(_requests(create))
         try:
             while True:
                 response = await _read(call, probe_and_mark, settings.probe_interval)
                 if response is grpc.aio.EOF:
                     raise _StreamStalled("stream closed by the server")
                 silent_since = time.monotonic()
+                source.succeeded()
                 if next_revision == 0 and response.header.revision > 0:
                     # "from now on": pin the position so a reconnect resumes exactly here
                     next_revision = int(response.header.revision) + 1
@@ -136,6 +155,9 @@ async def watch_revisions(
                     next_revision = revision + 1
                     yield revision, events
         except (grpc.aio.AioRpcError, _StreamStalled) as exc:
+            if source.channel is not channel:
+                log.info("etcd channel replaced; resuming the watch from revision %d", next_revision)
+                continue
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in _TRANSIENT:
                 raise StoreError(f"watch failed: {exc.code().name} {exc.details()}") from exc
             waited = time.monotonic() - silent_since
@@ -143,7 +165,8 @@ async def watch_revisions(
             if waited >= settings.retry_timeout:
                 raise EtcdUnavailable(f"etcd watch unavailable for {waited:.1f}s ({reason})") from exc
             log.warning("etcd watch interrupted (%s); resuming from revision %d", reason, next_revision)
-            await asyncio.sleep(backoff)
+            await source.failed(f"watch: {reason}")
+            await source.pause(backoff)
             backoff = min(backoff * 2, settings.max_backoff)
         finally:
             call.cancel()

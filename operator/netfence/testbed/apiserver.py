@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+import signal
 import ssl
+import subprocess
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +185,31 @@ class KubeApiServer:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop(grace=10.0)
+
+    def kill(self, sig: int = signal.SIGTERM, timeout: float = 90.0) -> None:
+        """Outage tests: send ``sig`` and wait until the server has exited (SIGKILL after
+        ``timeout``); :meth:`restart` brings it back."""
+        proc = self.process.proc if self.process is not None else None
+        if self.process is None or proc is None:
+            raise RuntimeError("kube-apiserver was never started")
+        self.process.signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("kube-apiserver did not exit within %.0fs of signal %d; killing it", timeout, sig)
+            self.process.signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def restart(self, timeout: float = 90.0) -> None:
+        """Start a stopped server again with the same arguments (port, PKI, tokens, etcd) and
+        wait until /readyz answers."""
+        if self.process is None:
+            raise RuntimeError("kube-apiserver was never started")
+        if self.process.alive():
+            raise RuntimeError("kube-apiserver is still running; kill() it first")
+        self.process.start()
+        self.process.wait_until(self.ready, timeout, "ready (/readyz)")
+        log.info("kube-apiserver ready again at %s", self.url)
 
     def __enter__(self) -> KubeApiServer:
         return self.start()

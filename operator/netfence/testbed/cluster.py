@@ -409,6 +409,12 @@ class LocalCluster:
                                "with --port or stop the program using it")
                 raise ClusterError(message) from exc
 
+    def restart_apiserver(self, timeout: float = 90.0) -> None:
+        """Start the API server again after ``apiserver.kill()`` (same arguments and port) and
+        record its new pid in the state file."""
+        self.apiserver.restart(timeout)
+        self.write_state()
+
     def apply_crds(self, timeout: float = 60.0) -> None:
         """kubectl apply the CRDs, wait until Established and until kubectl resolves their short names."""
         if not any(self.crd_dir.glob("*.yaml")):

@@ -169,9 +169,9 @@ class NetfenceEnv:
     # --- the enforcement barrier -----------------------------------------------------
 
     async def _etcd_reader(self) -> Any:
-        from netfence.store.etcd import EtcdConfig, EtcdStore
+        from netfence.store.etcd import EtcdSettings, EtcdStore
 
-        store = EtcdStore(EtcdConfig(endpoints=[self.cluster.netfence_etcd.endpoint], prefix=self.prefix))
+        store = EtcdStore(EtcdSettings(endpoints=[self.cluster.netfence_etcd.endpoint], prefix=self.prefix))
         await store.connect()
         return store
 

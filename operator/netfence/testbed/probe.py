@@ -11,11 +11,18 @@ Probe semantics follow the conformance format: TCP/SCTP connect, send a line
 and read the reply line; UDP send a datagram and await a reply; all within the
 timeout (1 s by default). SCTP probes return ``None`` when the kernel has no
 SCTP, meaning "skipped", never "passed".
+
+Source ports: by default the kernel picks them. A prober given
+:class:`~netfence.testbed.ports.SourcePorts` (the conformance runner's, one per
+run) binds every probe's socket to a port of its own instead, so no probe
+reuses the 5-tuple of an earlier one whose conntrack entry may still exist: a
+probe is always a new flow, judged by the policy in force now.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import time
 from collections.abc import Iterable
@@ -23,12 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from netfence.testbed.netns import NetnsSwitcher, default_switcher
+from netfence.testbed.ports import SourcePorts
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 1.0
 DEFAULT_CONCURRENCY = 64
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 _REQUEST = b"netfence-probe\n"
 _NO_SCTP = {errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT, errno.EAFNOSUPPORT, errno.EPROTOTYPE}
+BIND_ATTEMPTS = 64  # source ports tried per probe when they are taken in its namespace
 
 
 class Probe(NamedTuple):
@@ -45,11 +56,17 @@ class SctpUnsupported(OSError):
 
 
 class Prober:
-    """Runs probes from inside named network namespaces. Thread-safe."""
+    """Runs probes from inside named network namespaces. Thread-safe.
 
-    def __init__(self, switcher: NetnsSwitcher | None = None, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+    ``source_ports``: bind each probe to a port from this allocator (see the module
+    docstring); None lets the kernel choose.
+    """
+
+    def __init__(self, switcher: NetnsSwitcher | None = None, concurrency: int = DEFAULT_CONCURRENCY,
+                 source_ports: SourcePorts | None = None) -> None:
         self._switcher = switcher or default_switcher()
         self.concurrency = concurrency
+        self.source_ports = source_ports
 
     # -- sockets -----------------------------------------------------------
 
@@ -81,13 +98,41 @@ class Prober:
             sock = self._sctp_socket(probe.src_netns)
         else:
             raise ValueError(f"unknown protocol {probe.protocol!r} (want one of {PROTOCOLS})")
-        with sock:
+        source: int | None = None
+        try:
+            with sock:
+                if self.source_ports is not None:
+                    source = self._bind_source(sock, proto, probe.port)
+                try:
+                    if proto == "UDP":
+                        return _udp_exchange(sock, probe.dst_ip, probe.port, timeout)
+                    return _stream_exchange(sock, probe.dst_ip, probe.port, timeout)
+                except OSError:  # refused, unreachable, timed out, reset
+                    return None
+        finally:  # after close(): the flow is over, its port goes into quarantine
+            if source is not None and self.source_ports is not None:
+                self.source_ports.release(proto, source)
+
+    def _bind_source(self, sock: socket.socket, proto: str, dst_port: int) -> int:
+        """Bind ``sock`` to a port of :attr:`source_ports` (skipping ports taken in its namespace).
+
+        A failure here is the test bed's, not a verdict: it raises instead of returning None.
+        """
+        ports = self.source_ports
+        assert ports is not None
+        ports.reserve(dst_port)  # never a source port: a later flow from it could be an earlier one's reply
+        for _ in range(BIND_ATTEMPTS):
+            port = ports.take(proto)
             try:
-                if proto == "UDP":
-                    return _udp_exchange(sock, probe.dst_ip, probe.port, timeout)
-                return _stream_exchange(sock, probe.dst_ip, probe.port, timeout)
-            except OSError:  # refused, unreachable, timed out, reset
-                return None
+                sock.bind(("0.0.0.0", port))
+            except OSError as exc:
+                ports.release(proto, port)
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                log.debug("%s source port %d is taken in the source namespace; trying the next", proto, port)
+                continue
+            return port
+        raise OSError(errno.EADDRINUSE, f"no free {proto} source port after {BIND_ATTEMPTS} attempts")
 
     # -- boolean probes ----------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from dataplane_topology import Topology, tcp_ok, udp_ok
 from netfence.dataplane.apply import ApplyError, Dataplane
 from netfence.dataplane.kernel import parse_ipset_save, parse_iptables_save
 from netfence.dataplane.names import endpoint_chain, policy_chain, set_name
+from netfence.dataplane.pins import PinCache, PinKey
 from netfence.dataplane.render import render
 from netfence.dataplane.ruleset import Family, Ruleset, is_owned_chain, is_owned_set
 from netfence.dataplane.runner import RecordingRunner, Result, SubprocessRunner
@@ -420,3 +422,43 @@ def test_detect_features_probes_without_leaving_anything(node: Topology, dp: Dat
     features = dp.detect_features()
     assert features.sctp_port_match  # nf_tables matches SCTP ports natively, even without SCTP in the kernel
     assert kernel_tables(node) == {}
+
+
+def test_a_restart_without_good_values_carries_the_kernel_rules_over_exactly(
+    node: Topology, rec: RecordingRunner
+) -> None:
+    """Pinned chains and sets (dataplane/pins.py) round-trip through the real tools, drift repair included."""
+    full = web_model()
+    Dataplane(rec, ipv6=True).apply(render(full))
+    cases = [("tcp", "b", A4, 80, True), ("tcp", "c", A4, 80, False), ("tcp", "b", A6, 80, True)]
+    check(node, cases)
+
+    # A restarted agent: the policy and its peer set have no good value (corrupt in etcd).
+    restarted = Dataplane(rec, ipv6=True)
+    keys: list[PinKey] = [("policy", "default/allow-frontend"), ("set", FRONTEND.id)]
+    cache = PinCache()
+    cache.learn(restarted.read_state(), cache.needs(keys), restarted.families)
+    assert all(cache.found(k) for k in keys)
+    desired = render(dataclasses.replace(full, policies={}, sets={}), pinned=cache.pinned(keys))
+    assert desired == render(full)  # carried over exactly as iptables-save/ipset save print it
+    assert restarted.apply(desired).full
+    assert not restarted.check_drift()
+    check(node, cases)
+
+    # Drift repair restores pinned rules like any other.
+    node.node_sh("iptables", "-w", "-F", policy_chain("ingress", "default/allow-frontend"))
+    node.node_sh("ipset", "flush", set_name("v6", FRONTEND.id))
+    assert restarted.check_drift()
+    restarted.repair()
+    assert not restarted.check_drift()
+    check(node, cases)
+
+    # An endpoint without a good value keeps its chain and dispatch (and the policy it jumps to).
+    again = Dataplane(rec, ipv6=True)
+    cache = PinCache()
+    ep_key: list[PinKey] = [("endpoint", "default/a")]
+    cache.learn(again.read_state(), cache.needs(ep_key), again.families)
+    no_a = dataclasses.replace(full, endpoints={k: v for k, v in full.endpoints.items() if k != "default/a"})
+    assert again.apply(render(no_a, pinned=cache.pinned(ep_key))).full
+    assert not again.check_drift()
+    check(node, cases)

@@ -45,15 +45,15 @@ async def test_report_expires_with_its_lease(store: EtcdStore) -> None:
 async def test_watch_reports_sees_updates_and_skips_corrupt(store: EtcdStore, etcd_client: Etcd3Client) -> None:
     lease = await store.grant_lease(30)
     seen: list[tuple[str, object]] = []
+    start = (await store.read_reports()).revision  # the watch replays everything after it
 
     async def watch(count: int) -> None:
-        async for event in store.watch_reports():
+        async for event in store.watch_reports(start):
             seen.append(event)
             if len(seen) == count:
                 return
 
     task = asyncio.create_task(watch(3))
-    await asyncio.sleep(0.3)
     await store.put_report("n1", report("n1", 1), lease)
     await etcd_client.kv.put(store.layout.key(store.layout.node_status("n2")), b"not json")
     await store.put_report("n1", report("n1", 2), lease)

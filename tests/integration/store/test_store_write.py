@@ -118,22 +118,19 @@ async def test_snapshot_hides_a_change_in_flight(store: EtcdStore, etcd_client: 
     assert set(state.values) == {"sets/old", "policies/ns/p"}
     assert json.loads(state.values["policies/ns/p"])["sets"] == ["old"]
 
-    # the reader follows from the snapshot and sees the change only once it commits
-    batches: list[dict[str, bytes | None]] = []
-
-    async def follow() -> None:
+    # The reader follows from the snapshot and sees the change only once it commits: the watch
+    # replays every revision after the snapshot (the half change, the report, the commit) in
+    # order, so a batch for the half change would come first; the first batch is the commit's.
+    async def first_batch() -> tuple[int, dict[str, bytes | None]]:
         async for batch in store.follow_commits(state.revision):
-            batches.append(batch.changes)
-            return
+            return batch.commit_revision, batch.changes
+        raise AssertionError("no batch")
 
-    task = asyncio.create_task(follow())
-    await asyncio.sleep(0.5)
-    assert batches == []
+    task = asyncio.create_task(first_batch())
     final = await store.write({"sets/new": set_value(2)}, None)
-    await asyncio.wait_for(task, 10)
-    assert batches == [
-        {"policies/ns/p": L.encode({"sets": ["new"]}), "sets/old": None, "sets/new": set_value(2)}
-    ]
+    assert await asyncio.wait_for(task, 10) == (
+        final, {"policies/ns/p": L.encode({"sets": ["new"]}), "sets/old": None, "sets/new": set_value(2)}
+    )
     state = await store.committed_snapshot()
     assert state.commit_revision == final
     assert set(state.values) == {"policies/ns/p", "sets/new"}
@@ -156,8 +153,7 @@ async def test_include_filters_snapshot_and_batches(store: EtcdStore) -> None:
             return batch.changes
         raise AssertionError("no batch")
 
-    task = asyncio.create_task(first_batch())
-    await asyncio.sleep(0.2)
+    task = asyncio.create_task(first_batch())  # from the snapshot's revision: nothing after it is missed
     await store.write({other: None, mine: None}, None)
     assert await asyncio.wait_for(task, 10) == {mine: None}
 

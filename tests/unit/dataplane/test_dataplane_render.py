@@ -1,48 +1,37 @@
-"""Golden-file and property tests of the pure renderer (UPDATE_GOLDEN=1 regenerates)."""
+"""Golden-file and property tests of the pure renderer (golden files: `make golden` rewrites them)."""
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from dataplane_samples import (
     EXTERNAL,
     FRONTEND,
-    SAMPLES,
     egress_mixed,
     endpoint,
     ingress_basic,
     node_model,
     policy,
-    shared_and_missing,
 )
+from golden_cases import CASES, golden_path, rendered, stale_files
 
 from netfence.dataplane.names import MAX_CHAIN_NAME, MAX_SET_NAME, set_name, temp_set_name
-from netfence.dataplane.render import Features, render
+from netfence.dataplane.render import render
 from netfence.dataplane.ruleset import is_owned_chain
-from netfence.model.enforcement import CompiledPort, CompiledRule, NodeModel
-
-GOLDEN = Path(__file__).parent / "golden"
-
-CASES: dict[str, tuple[Callable[[], NodeModel], Features]] = {
-    **{name: (fn, Features()) for name, fn in SAMPLES.items()},
-    "shared_and_missing_v4_no_sctp": (shared_and_missing, Features(ipv6=False, sctp_port_match=False)),
-    "ingress_basic_no_invalid_drop": (ingress_basic, Features(drop_invalid=False, ipv6=False)),
-}
+from netfence.model.enforcement import CompiledPort, CompiledRule
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_render_matches_golden(case: str) -> None:
-    fn, features = CASES[case]
-    text = render(fn(), features=features).dump()
-    path = GOLDEN / f"{case}.txt"
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.write_text(text)
-    assert path.exists(), f"no golden file {path}; run with UPDATE_GOLDEN=1"
-    assert text == path.read_text()
+    """Compare only: hack/update_golden.py (`make golden`) is the one writer of golden files."""
+    path = golden_path(case)
+    assert path.is_file(), f"no golden file {path.name}: run `make golden` and review the new file"
+    assert rendered(case) == path.read_text(), f"{path.name} differs: if the change is meant, run `make golden`"
+
+
+def test_every_golden_file_belongs_to_a_case() -> None:
+    assert stale_files() == [], "golden files of no case: `make golden` removes them"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -8,9 +8,13 @@ import pytest
 
 from netfence.status.aggregate import (
     MESSAGE_LIMIT,
+    BadKey,
+    BadKeyHit,
     NodeReport,
     PolicyFacts,
+    Unenforceable,
     compute_status,
+    reduced_status,
     strip_times,
     with_transition_times,
 )
@@ -181,3 +185,130 @@ def test_strip_times_undoes_with_transition_times() -> None:
     status = compute_status(facts(), reports(("n1", 10)))
     assert strip_times(with_transition_times(status, None, T0)) == status
     assert strip_times(None) is None
+
+
+# --- report-field contract: bad keys and unenforceable rules -------------------------------
+
+
+def test_node_report_decodes_bad_keys_and_unenforceable() -> None:
+    report = NodeReport.from_json({
+        "appliedRevision": 5,
+        "badKeys": [{"key": "policies/ns/a", "reason": "not JSON"}, {"key": "sets/p1"}],
+        "badKeysTotal": 40,
+        "unenforceable": [{"policy": "ns/a", "feature": "sctp-port-match"}],
+    }, "n1")
+    assert report.bad_keys == (BadKey("policies/ns/a", "not JSON"), BadKey("sets/p1", ""))
+    assert report.bad_keys_total == 40
+    assert report.unenforceable == (Unenforceable("ns/a", "sctp-port-match"),)
+    assert report.unenforceable_total == 1  # absent total: the list's length
+
+
+@pytest.mark.parametrize(
+    ("body", "bad", "bad_total", "unenforceable", "unenforceable_total"),
+    [
+        ({}, (), 0, (), 0),
+        ({"badKeys": "x", "badKeysTotal": "3", "unenforceable": {"policy": "ns/a"}}, (), 0, (), 0),
+        # malformed entries are skipped but counted: the node then has unlisted bad keys
+        ({"badKeys": [1, {"key": ""}, {"key": 7}, {"key": "sets/p", "reason": 3}]},
+         (BadKey("sets/p", ""),), 4, (), 0),
+        ({"badKeysTotal": 2}, (), 2, (), 0),
+        ({"badKeysTotal": True, "unenforceableTotal": -1}, (), 0, (), 0),
+        ({"unenforceable": [{"policy": "ns/a"}, {"policy": "ns/b", "feature": ""}, {"feature": "f"}]},
+         (), 0, (Unenforceable("ns/b", "unknown"),), 3),
+    ],
+    ids=["absent", "wrong-types", "odd-entries", "total-only", "odd-totals", "odd-unenforceable"],
+)
+def test_report_fields_decode_leniently(body: dict[str, Any], bad: tuple[BadKey, ...], bad_total: int,
+                                        unenforceable: tuple[Unenforceable, ...], unenforceable_total: int) -> None:
+    report = NodeReport.from_json({"appliedRevision": 3, **body}, "n1")
+    assert report.applied_revision == 3
+    assert (report.bad_keys, report.bad_keys_total) == (bad, bad_total)
+    assert (report.unenforceable, report.unenforceable_total) == (unenforceable, unenforceable_total)
+
+
+def with_bad(fact: PolicyFacts, *hits: BadKeyHit) -> PolicyFacts:
+    return PolicyFacts(fact.namespace, fact.name, fact.generation, fact.required_nodes, fact.endpoints,
+                       fact.revision, fact.warnings, hits)
+
+
+def test_bad_key_on_a_required_node_degrades_naming_node_and_key() -> None:
+    fact = with_bad(facts(), BadKeyHit("n2", "policies/ns/pol", "written outside a controller commit"))
+    status = compute_status(fact, reports(("n1", 10), ("n2", 10)))
+    assert status["phase"] == "Degraded"
+    assert status["synced"] == "2/2"  # applied, but not what the controller wrote
+    ready, degraded = condition(status, "Ready"), condition(status, "Degraded")
+    assert ready["status"] == "False" and degraded["status"] == "True"
+    assert degraded["reason"] == "BadKey"
+    assert "n2: policies/ns/pol (written outside a controller commit)" in degraded["message"]
+    assert status["nodes"][0] == {"name": "n2", "synced": True,
+                                  "message": "bad keys: policies/ns/pol (written outside a controller commit)"}
+
+
+def test_bad_key_on_a_node_that_need_not_enforce_is_ignored() -> None:
+    fact = with_bad(facts(nodes=("n1",)), BadKeyHit("n9", "sets/p1", "not JSON"))
+    status = compute_status(fact, reports(("n1", 10), ("n9", 10)))
+    assert status["phase"] == "Enforced"
+
+
+def test_bad_keys_add_to_other_problems() -> None:
+    fact = with_bad(facts(nodes=("a", "b", "c")), BadKeyHit("c", "endpoints/c/ns/web", "not JSON"))
+    status = compute_status(fact, reports(("b", 1, "boom"), ("c", 10)))
+    ready = condition(status, "Ready")
+    assert ready["reason"] == "NodeReportMissing"
+    assert "no agent report from a" in ready["message"]
+    assert "apply failed on b: boom" in ready["message"]
+    assert "bad keys on c: endpoints/c/ns/web (not JSON)" in ready["message"]
+    assert [n["name"] for n in status["nodes"]] == ["a", "b", "c"]
+
+
+def test_unlisted_bad_keys_degrade_every_policy_of_the_node() -> None:
+    """The agent lists at most 32 bad keys: beyond them, any policy of the node may be affected."""
+    truncated = NodeReport("n2", 10, bad_keys=tuple(BadKey(f"endpoints/n2/ns/p{i}") for i in range(32)),
+                           bad_keys_total=33)
+    status = compute_status(facts(), {"n1": NodeReport("n1", 10), "n2": truncated})
+    assert status["phase"] == "Degraded"
+    assert "n2 reports 33 bad keys but lists only 32" in condition(status, "Degraded")["message"]
+    listed = NodeReport("n2", 10, bad_keys=(BadKey("endpoints/n2/ns/other"),), bad_keys_total=1)
+    assert compute_status(facts(), {"n1": NodeReport("n1", 10), "n2": listed})["phase"] == "Enforced"
+
+
+def test_unenforceable_rules_give_a_warning_naming_node_and_feature() -> None:
+    n2 = NodeReport("n2", 10, unenforceable=(Unenforceable("ns/pol", "sctp-port-match"),
+                                             Unenforceable("ns/other", "x")), unenforceable_total=2)
+    status = compute_status(facts(warnings=("selects no pods",)), {"n1": NodeReport("n1", 10), "n2": n2})
+    assert status["phase"] == "Enforced"
+    warning = condition(status, "Warning")
+    assert warning["reason"] == "Unenforceable"
+    assert warning["message"].startswith("node n2 cannot enforce sctp-port-match")
+    assert "selects no pods" in warning["message"]
+    assert status["warnings"][0].startswith("node n2 cannot enforce sctp-port-match")
+    assert "x" not in " ".join(status["warnings"]).split()  # ns/other's feature is not ours
+    # not a required node: nothing
+    assert "Warning" not in [c["type"] for c in compute_status(facts(nodes=("n1",)), {"n2": n2})["conditions"]]
+
+
+def test_unlisted_unenforceable_entries_warn() -> None:
+    n1 = NodeReport("n1", 10, unenforceable=(Unenforceable("ns/other", "f"),), unenforceable_total=50)
+    status = compute_status(facts(nodes=("n1",)), {"n1": n1})
+    assert "reports 50 unenforceable rules but lists only 1" in condition(status, "Warning")["message"]
+
+
+def test_long_lists_are_capped_with_a_count() -> None:
+    many = tuple(f"node-{i:03d}" for i in range(100))
+    status = compute_status(facts(nodes=many, warnings=tuple(f"w{i}" for i in range(70))), {})
+    assert len(status["nodes"]) == 64 and status["nodesOmitted"] == 36
+    assert len(status["warnings"]) == 64 and status["warningsOmitted"] == 6
+    assert condition(status, "Warning")["message"].startswith("70 warnings: w0; w1")
+    short = compute_status(facts(), reports(("n1", 10), ("n2", 10)))
+    assert "nodesOmitted" not in short and "warningsOmitted" not in short
+
+
+def test_reduced_status_keeps_the_phase_and_says_why() -> None:
+    full = compute_status(facts(warnings=("w",)), reports(("n1", 10)))
+    reduced = reduced_status(full, "422 Unprocessable Entity: status.nodes: Too many")
+    assert reduced["phase"] == "Degraded" and reduced["synced"] == "1/2"
+    assert "nodes" not in reduced and "warnings" not in reduced
+    assert [c["type"] for c in reduced["conditions"]] == ["Ready", "Degraded", "Warning", "StatusWriteFailed"]
+    failed = condition(reduced, "StatusWriteFailed")
+    assert failed["status"] == "True" and failed["reason"] == "Rejected"
+    assert "status.nodes: Too many" in failed["message"]

@@ -257,13 +257,24 @@ class FakeStore:
         self.revision = 0
         self.writes: list[dict[str, bytes | None]] = []
         self.written = asyncio.Event()
+        self.txn_listeners: list[Any] = []
 
     async def read_all(self) -> Snapshot:
         return Snapshot(dict(self.values), self.revision, {}, self.revision)
 
+    async def watch_changes(self, *args: Any) -> Any:
+        """No foreign writers here: the syncer's own-keys watch sees nothing."""
+        await asyncio.Future()
+        yield
+
+    async def writes_settled(self) -> None:
+        return
+
     async def write(self, changes: dict[str, bytes | None], fence: Any) -> int:
         assert fence is not None
         self.revision += 1
+        for listener in self.txn_listeners:
+            listener(self.revision)
         for key, value in changes.items():
             if value is None:
                 self.values.pop(key, None)
@@ -374,7 +385,7 @@ async def test_syncer_migrates_only_through_the_gate_and_writes_chunks() -> None
 
 def test_flags() -> None:
     from netfence.config import ConfigError, load_agent_config
-    from netfence.controller.main import load_config
+    from netfence.config import load_controller_config as load_config
 
     assert load_agent_config(["--node=n"], env={}).max_schema == 2
     assert load_agent_config(["--node=n", "--max-schema=1"], env={}).max_schema == 1
