@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv/bin
 SCENARIOS ?= tests/conformance ../shared/conformance/scenarios
 
-.PHONY: setup test lint unit integration conformance demo bench clean crds golden
+.PHONY: setup test lint unit integration conformance demo bench clean crds golden node-e2e
 
 setup:
 	@hack/setup.sh
@@ -41,6 +41,14 @@ crds:
 ## golden: rewrite the renderer's golden files (tests/unit/dataplane/golden/); review the diff
 golden: setup
 	$(VENV)/python hack/update_golden.py
+
+## node-e2e: a real node on this machine (containerd + kubelet, hack/setup-node.sh), the images built
+## locally (hack/node-images.sh), then helm install/test/upgrade/rollback/uninstall with probes
+## (operator/netfence/testbed/node_e2e.py); not part of `make test`
+node-e2e: setup
+	@hack/setup-node.sh >/dev/null
+	@hack/node-images.sh $${NETFENCE_CACHE:-$$HOME/.cache/netfence}/node-images 0.1.0 0.1.0-b >/dev/null
+	$(VENV)/python -m netfence.testbed.node_e2e
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build dist

@@ -4,6 +4,11 @@
 # outside the checkout, once per machine.
 #
 #   hack/build-tools.sh            build what is missing, print the bin folder
+#   hack/build-tools.sh --node     build the node tools instead (kubelet,
+#                                  kube-scheduler, kube-controller-manager,
+#                                  kube-proxy, coredns) for `netfence node up`;
+#                                  never part of `make setup`
+#   hack/build-tools.sh NAME...    build only the named tools (of either group)
 #   NETFENCE_CACHE=/path ...       use another cache root (default ~/.cache/netfence)
 #
 # Each tool lands in $NETFENCE_CACHE/tools/<tool>-<version>-<hash of its module>/,
@@ -18,7 +23,13 @@ mkdir -p "$cache/tools" "$cache/bin"
 # One build at a time per cache: a second setup (another checkout, a parallel
 # test session) waits here and then finds the tools built instead of building
 # them again beside the first.
-exec 9>"$cache/.build.lock"
+group=default
+if [[ ${1:-} == --node ]]; then group=node; shift; fi
+# The node group has a lock of its own, so that its long builds never hold up
+# `make setup` (it builds other folders of the cache).
+lockfile="$cache/.build.lock"
+[[ $group == node ]] && lockfile="$cache/.build-node.lock"
+exec 9>"$lockfile"
 flock 9
 
 die() { echo "netfence: $*" >&2; exit 1; }
@@ -35,14 +46,30 @@ tools=(
   "kube-apiserver|v1.35.4|k8s.io/kubernetes/cmd/kube-apiserver|-X k8s.io/component-base/version.gitVersion=v1.35.4 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=35 -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/component-base/version.buildDate=2026-01-01T00:00:00Z"
   "kubectl|v1.35.4|.|-X k8s.io/component-base/version.gitVersion=v1.35.4 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=35 -X k8s.io/client-go/pkg/version.gitVersion=v1.35.4 -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=35"
   "helm|v3.19.0|helm.sh/helm/v3/cmd/helm|-X helm.sh/helm/v3/internal/version.version=v3.19.0 -X helm.sh/helm/v3/internal/version.gitTreeState=clean -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=34 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=34"
-  "helm-docs|v1.14.2|github.com/norwoodj/helm-docs/cmd/helm-docs|-X main.version=v1.14.2"
+  "helm-docs|v1.14.2|github.com/norwoodj/helm-docs/cmd/helm-docs|-X main.version=1.14.2"
 )
+# The node group: the kubelet and its peers come from the same pinned
+# k8s.io/kubernetes module as kube-apiserver (5th field: the module folder
+# under hack/tools/ when it is not the tool's own name).
+k8s_ldflags="-X k8s.io/component-base/version.gitVersion=v1.35.4 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=35 -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/component-base/version.buildDate=2026-01-01T00:00:00Z"
+node_tools=(
+  "kubelet|v1.35.4|k8s.io/kubernetes/cmd/kubelet|$k8s_ldflags|kube-apiserver"
+  "kube-scheduler|v1.35.4|k8s.io/kubernetes/cmd/kube-scheduler|$k8s_ldflags|kube-apiserver"
+  "kube-controller-manager|v1.35.4|k8s.io/kubernetes/cmd/kube-controller-manager|$k8s_ldflags|kube-apiserver"
+  "kube-proxy|v1.35.4|k8s.io/kubernetes/cmd/kube-proxy|$k8s_ldflags|kube-apiserver"
+  "coredns|v1.15.0|github.com/coredns/coredns|-X github.com/coredns/coredns/coremain.GitCommit=netfence"
+)
+if [[ $group == node ]]; then
+  tools=("${node_tools[@]}")
+elif (($#)); then
+  tools+=("${node_tools[@]}")
+fi
 
 only=("$@")
 for spec in "${tools[@]}"; do
-  IFS='|' read -r name version pkg ldflags <<<"$spec"
+  IFS='|' read -r name version pkg ldflags moddir <<<"$spec"
   if ((${#only[@]})) && [[ " ${only[*]} " != *" $name "* ]]; then continue; fi
-  src="$here/tools/$name"
+  src="$here/tools/${moddir:-$name}"
   hash="$( { cat "$src"/go.mod "$src"/go.sum "$src"/*.go; echo "$spec"; } | sha256sum | cut -c1-12)"
   dest="$cache/tools/$name-$version-$hash"
   if [[ ! -x "$dest/$name" ]]; then

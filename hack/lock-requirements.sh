@@ -21,7 +21,7 @@ venv=${VENV:-.venv}
 env -u PIP_FIND_LINKS CUSTOM_COMPILE_COMMAND="hack/lock-requirements.sh" "$venv/bin/pip-compile" --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
   --output-file "$lock" "$@" pyproject.toml
 # The build stage's tools (build, setuptools, wheel: pyproject's [build-system]).
-env -u PIP_FIND_LINKS CUSTOM_COMPILE_COMMAND="hack/lock-requirements.sh" "$venv/bin/pip-compile" --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links \
+env -u PIP_FIND_LINKS CUSTOM_COMPILE_COMMAND="hack/lock-requirements.sh" "$venv/bin/pip-compile" --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
   --output-file image/build-requirements.lock "$@" image/build-requirements.in
 digest="$("$venv/bin/python" - <<'PY'
 import hashlib, re, tomllib

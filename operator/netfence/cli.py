@@ -21,7 +21,9 @@ from typing import Any, NoReturn
 
 COMMAND_MODULES = (
     "netfence.cli_cluster",
+    "netfence.cli_node",
     "netfence.cli_status",
+    "netfence.cli_explain",
     "netfence.conformance.command",
     "netfence.demo",
 )
@@ -85,8 +87,8 @@ def check_root(command: str, geteuid: Callable[[], int] = os.geteuid) -> None:
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="netfence",
+def build_parser(prog: str = "netfence") -> argparse.ArgumentParser:
+    parser = Parser(prog=prog,
                     description="Kubernetes NetworkPolicy enforcement with per-policy status.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -129,6 +131,11 @@ def main(
     except known as exc:
         sys.stderr.write(error_line(str(exc)))
         return getattr(exc, "exit_code", EXIT_FAILURE)
+
+
+def kubectl_main() -> int:
+    """The kubectl plugin ``kubectl-netfence``: ``kubectl netfence explain ...`` runs ``netfence explain ...``."""
+    return main(sys.argv[1:], parser=build_parser("kubectl netfence"))
 
 
 if __name__ == "__main__":

@@ -6,19 +6,21 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netfence.cli import CliError, Subcommands, add_command, out
 
+if TYPE_CHECKING:
+    from netfence.store.settings import EtcdSettings
+
 
 def register(sub: Subcommands) -> None:
+    from netfence.cli_options import add_etcd_flags
+
     cmd = add_command(sub, "status", status_command, "list node agents: applied revision, lag, last sync, errors")
-    cmd.add_argument("--etcd-endpoints", default=os.environ.get("NETFENCE_ETCD_ENDPOINTS"),
-                     help="host:port list (default: $NETFENCE_ETCD_ENDPOINTS, else the local `netfence cluster`)")
-    cmd.add_argument("--etcd-prefix", default=os.environ.get("NETFENCE_ETCD_PREFIX", "/netfence/v1/"))
+    add_etcd_flags(cmd)  # the same connection flags as `netfence explain` (and the controller/agent)
     cmd.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
 
@@ -75,10 +77,10 @@ def format_rows(rows: list[dict[str, Any]], commit_revision: int) -> list[str]:
     return lines
 
 
-async def _gather(endpoints: list[str], prefix: str) -> tuple[dict[str, dict[str, Any]], int]:
-    from netfence.store.etcd import EtcdSettings, EtcdStore
+async def _gather(settings: EtcdSettings) -> tuple[dict[str, dict[str, Any]], int]:
+    from netfence.store.etcd import EtcdStore
 
-    store = EtcdStore(EtcdSettings(endpoints=endpoints, prefix=prefix))
+    store = EtcdStore(settings)
     await store.connect()
     try:
         reports = await store.read_reports()
@@ -88,12 +90,13 @@ async def _gather(endpoints: list[str], prefix: str) -> tuple[dict[str, dict[str
 
 
 def status_command(args: argparse.Namespace) -> int:
+    from netfence.cli_options import etcd_settings
     from netfence.store.errors import StoreError
     from netfence.store.settings import ConfigError
 
     endpoints = _endpoints(args)
     try:
-        reports, commit = asyncio.run(asyncio.wait_for(_gather(endpoints, args.etcd_prefix), 10))
+        reports, commit = asyncio.run(asyncio.wait_for(_gather(etcd_settings(args, endpoints)), 10))
     except TimeoutError:
         raise CliError(f"etcd at {','.join(endpoints)} did not answer within 10s; check that it runs") from None
     except ConfigError as exc:

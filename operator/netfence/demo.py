@@ -5,7 +5,9 @@ agent each, creates a small cluster (``web`` in ``default``; ``role=backend``
 and ``role=frontend`` in ``myns``; client namespaces ``bob`` (user=bob) and
 ``alice`` (user=alice)), shows connectivity, applies three policies, waits for
 the system to report them enforced, and shows ``kubectl get policystatus``,
-the connectivity after and the DROP counters that rose.
+the connectivity after and the DROP counters that rose. It ends with ``netfence
+explain`` for a denied and an allowed pair: the rule (or the nearest miss), the
+node's applied revision and the live counters of the chains involved.
 """
 
 from __future__ import annotations
@@ -204,8 +206,8 @@ async def run_demo(out: Out, keep: bool, workdir: Path, style: Style) -> int:
         took = await env.wait_enforced(marks)
         out(f"  the system reports every policy enforced on every node after {took:.2f}s")
 
-        step("kubectl get policystatus")
-        out(_indent(cluster.kubectl("get", "policystatus").stdout.rstrip()))
+        step("kubectl get policystatus -o wide")
+        out(_indent(cluster.kubectl("get", "policystatus", "-o", "wide").stdout.rstrip()))
 
         step("Connectivity with the policies in force")
         after = await asyncio.to_thread(probe_all)
@@ -228,8 +230,12 @@ async def run_demo(out: Out, keep: bool, workdir: Path, style: Style) -> int:
             return 1
         out("")
         out(style.ok("All connections behave as the policies say."))
+        if not await explain_pairs(out, style, step, cluster, env):
+            out(style.bad("  netfence explain gave an unexpected verdict"))
+            return 1
         if keep:
             state = {"workdir": str(workdir), "fabric": env.fabric.prefix if env.fabric else None,
+                     "nodes": {a.node: a.netns for a in env.agents.values()},  # for netfence explain
                      "pids": [p.pid for p in env.controllers.values()] + [a.process.pid for a in env.agents.values()]}
             (workdir / "demo.json").write_text(json.dumps(state))
             cluster.detach()
@@ -240,6 +246,7 @@ async def run_demo(out: Out, keep: bool, workdir: Path, style: Style) -> int:
             out(style.bold("The demo keeps running."))
             out(f"  export KUBECONFIG={cluster.kubeconfig}")
             out(f"  {tools.kubectl} get policystatus")
+            out("  netfence explain alice/client myns/frontend --port 443   (or: kubectl netfence explain ...)")
             out(f"  stop it with:  netfence demo --down --dir {workdir}")
             return 0
         env_kept = False
@@ -248,6 +255,37 @@ async def run_demo(out: Out, keep: bool, workdir: Path, style: Style) -> int:
         if not locals().get("env_kept"):
             await env.close()
             cluster.stop()
+
+
+#: The pairs ``netfence explain`` is shown for at the end: (source, destination, port, what to expect).
+EXPLAINED = (
+    ("alice/client", "myns/frontend", 443, "denied"),
+    ("bob/client", "myns/frontend", 443, "allowed"),
+)
+
+
+async def explain_pairs(out: Out, style: Style, step: Out, cluster: Any, env: Any) -> bool:
+    """Run ``netfence explain`` on the demo for the EXPLAINED pairs; False if a verdict is unexpected."""
+    from netfence.explain.gather import Question, Target, explain
+    from netfence.explain.report import format_text
+    from netfence.store.settings import EtcdSettings
+
+    target = Target(
+        etcd=EtcdSettings(endpoints=[cluster.netfence_etcd.endpoint], prefix=env.prefix),
+        kubeconfig=cluster.kubeconfig,
+        node_netns={agent.node: agent.netns for agent in env.agents.values()},
+    )
+    ok = True
+    for src, dst, port, expected in EXPLAINED:
+        step(f"netfence explain {src} {dst} --port {port}    (a pair the policies leave {expected})")
+        data = await explain(target, Question(src, dst, port, "TCP"))
+        lines = format_text(data)
+        for line in lines[:-1]:
+            out("  " + line if line else "")
+        verdict = lines[-1]
+        out("  " + (style.ok(verdict) if data["verdict"] == expected else style.bad(verdict)))
+        ok = ok and data["verdict"] == expected
+    return ok
 
 
 def _indent(text: str) -> str:

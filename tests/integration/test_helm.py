@@ -325,11 +325,14 @@ def test_controller_deployment(helm: Helm) -> None:
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in ctr["env"]
     assert not [e for e in ctr["env"] if e["name"] in ("KUBECONFIG", "NETFENCE_KUBECONFIG")]
     assert not [a for a in ctr["args"] if a.startswith("--kubeconfig")]
-    # Health port: container port, probes, Service and --health-port agree.
+    # Health port: container port, readiness probe, Service and --health-port agree; liveness is
+    # the process-only /livez on its own port (NETFENCE_LIVENESS_PORT), never etcd's state.
     port = int(flags(ctr["args"])["--health-port"])
-    assert ctr["ports"] == [{"name": "health", "containerPort": port, "protocol": "TCP"}]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert ctr[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert ctr["ports"] == [{"name": "health", "containerPort": port, "protocol": "TCP"},
+                            {"name": "liveness", "containerPort": 8081, "protocol": "TCP"}]
+    assert ctr["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert ctr["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "liveness"}
+    assert {"name": "NETFENCE_LIVENESS_PORT", "value": "8081"} in ctr["env"]
     service = find(docs, "Service", "-controller")
     assert service["spec"]["selector"].items() <= labels.items()
     assert service["spec"]["ports"][0]["targetPort"] == "health"
@@ -1071,7 +1074,10 @@ def test_version_labels_follow_the_image_tags(helm: Helm) -> None:
 
 
 def notes(helm: Helm, namespace: str, *values: str) -> str:
-    out = helm.run("install", "notes", str(CHART), "-n", namespace, "--dry-run=server", *values).stdout
+    # A dry run changes nothing; --take-ownership only skips the check that the CRD, owned by
+    # another release of this module, could be adopted.
+    out = helm.run("install", "notes", str(CHART), "-n", namespace, "--dry-run=server", "--take-ownership",
+                   *values).stdout
     return out.split("NOTES:\n", 1)[1]
 
 

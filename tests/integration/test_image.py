@@ -1,8 +1,11 @@
 """What the image build does, without a container runtime.
 
 The wheel is built from exactly the files the Dockerfile's build stage copies,
-then installed into a fresh virtualenv by image/install-wheel.sh (the script
-the runtime stage runs); every console script must start. The agent's iptables
+with the build tools of image/build-requirements.lock (hash-checked, no build
+isolation, as the build stage does), then installed into a fresh virtualenv
+with the hash-checked image/requirements.lock by image/install-wheel.sh (the
+script the runtime stage runs); every console script must start. pip-compile
+run against PyPI keeps both locks as they are (they match pyproject.toml). The agent's iptables
 backend directories are made by image/install-iptables-backends.sh from this
 machine's Debian iptables package, like the agent stage does.
 Needs PyPI (build isolation and the package's dependencies).
@@ -10,6 +13,7 @@ Needs PyPI (build isolation and the package's dependencies).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,9 +21,11 @@ import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tests.unit.test_dockerfile import parse_dockerfile
+from packaging.utils import canonicalize_name
+from tests.unit.test_dockerfile import RUNTIME_LOCK, parse_dockerfile, parse_lock
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = REPO / "image"
@@ -37,8 +43,15 @@ def build_context_copy(dest: Path) -> Path:
                 if path.is_dir():
                     shutil.copytree(path, dest / src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
                 else:
+                    (dest / src).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(path, dest / src)
     return dest
+
+
+def run(argv: list[str], timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout, **kwargs)
+    assert result.returncode == 0, (argv, result.stdout[-2000:] + result.stderr[-2000:])
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +59,18 @@ def installed_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     work = tmp_path_factory.mktemp("image")
     context = build_context_copy(work / "src")
     dist = work / "dist"
-    build = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(context)],
-        capture_output=True, text=True, check=False, timeout=240,
-    )
-    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    # The build stage: its locked tools (hash-checked) in a fresh environment, no build isolation.
+    builder = work / "builder"
+    run([sys.executable, "-m", "venv", str(builder)])
+    run([str(builder / "bin" / "pip"), "install", "--no-cache-dir", "--require-hashes", "--no-deps",
+         "-r", str(IMAGE / "build-requirements.lock")])
+    run([str(builder / "bin" / "python"), "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist),
+         str(context)])
     venv = work / "venv"
     # `python` on PATH is this interpreter, as `python` is the base image's in the Dockerfile.
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     install = subprocess.run(
-        ["sh", str(IMAGE / "install-wheel.sh"), str(venv), str(dist)],
+        ["sh", str(IMAGE / "install-wheel.sh"), str(venv), str(dist), str(IMAGE / "requirements.lock")],
         capture_output=True, text=True, env=env, check=False, timeout=240,
     )
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
@@ -122,3 +137,32 @@ def test_agent_entrypoint_runs_the_console_script_with_the_chosen_backend(
         capture_output=True, text=True, env=env, check=True,
     )
     assert ("(nf_tables)" if backend == "nft" else "(legacy)") in which.stdout
+
+
+def test_every_installed_distribution_is_a_locked_pin(installed_venv: Path) -> None:
+    """The image's virtualenv holds exactly the lock's versions (and netfence, pip)."""
+    pins = {name: pin.version for name, pin in parse_lock(RUNTIME_LOCK.read_text()).items()}
+    listed = json.loads(run([str(installed_venv / "bin" / "pip"), "list", "--format=json"]).stdout)
+    installed = {canonicalize_name(d["name"]): d["version"] for d in listed}
+    extra = {n: v for n, v in installed.items() if n not in pins and n not in ("netfence", "pip", "setuptools")}
+    assert not extra, extra
+    assert {n: installed.get(n) for n in pins} == pins
+
+
+@pytest.mark.parametrize(("lock", "source"), [("requirements.lock", "pyproject.toml"),
+                                              ("build-requirements.lock", "image/build-requirements.in")])
+def test_pip_compile_keeps_the_locks_as_they_are(tmp_path: Path, lock: str, source: str) -> None:
+    """What CI verifies online: pip-compile, given today's lock, changes no pin and no hash.
+
+    pip-compile keeps an existing pin while the sources still allow it, so the
+    output differs only if pyproject.toml (or build-requirements.in) asks for
+    something the lock does not have, or if PyPI's files for a pin changed.
+    """
+    out = tmp_path / lock
+    shutil.copy2(IMAGE / lock, out)
+    extras = ["--strip-extras"]
+    env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"}
+    run([str(Path(sys.executable).parent / "pip-compile"), "--quiet", "--generate-hashes", *extras,
+         "--allow-unsafe", "--no-emit-index-url", "--no-emit-find-links", "--output-file", str(out), source],
+        timeout=600, cwd=REPO, env=env)
+    assert parse_lock(out.read_text()) == parse_lock((IMAGE / lock).read_text())

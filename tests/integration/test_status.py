@@ -162,7 +162,10 @@ async def test_kubectl_get_policystatus_columns(env: NetfenceEnv) -> None:
     assert rows[f"{NS}.p00"][1:5] == [f"{NS}/p00", "Enforced", "0/0", "0"]
     assert all(f"{NS}.p{i:02d}" in rows for i in range(POLICIES))
     wide = await asyncio.to_thread(env.cluster.kubectl, "get", "cps", f"{NS}.p03", "-o", "wide")
-    assert "REVISION" in wide.stdout.splitlines()[0]
+    header, row = wide.stdout.splitlines()
+    # -o wide adds the Ready condition's reason and headline, not an internal revision
+    assert header.split() == ["NAME", "POLICY", "PHASE", "SYNCED", "ENDPOINTS", "AGE", "REASON", "MESSAGE"], header
+    assert row[header.index("REASON"):].split() == ["AllNodesSynced", "enforced", "on", "2/2", "nodes"], row
 
 
 def netfence_status(env: NetfenceEnv, *args: str) -> str:
@@ -205,3 +208,31 @@ async def test_netfence_status_lists_every_agent(env: NetfenceEnv) -> None:
         assert row["appliedRevision"] == reports[node]["appliedRevision"] >= commit
         assert row["lag"] == 0 and row["lastError"] == ""
         assert row["lastSync"] == reports[node]["time"] and row["version"] == reports[node]["version"]
+
+
+async def test_observed_generation_is_the_status_objects_own(env: NetfenceEnv) -> None:
+    """kstatus/Flux/Argo CD read status.observedGeneration against the object's metadata.generation;
+    the NetworkPolicy's generation is status.policyGeneration. A policy edit moves both."""
+    assert env.api is not None
+    net = client.NetworkingV1Api(env.api)
+    name = "p19"
+    before = (await statuses(env))[f"{NS}.{name}"]
+    policy = await net.read_namespaced_network_policy(name, NS)
+    assert before["status"]["policyGeneration"] == policy.metadata.generation
+    assert before["status"]["observedGeneration"] == before["metadata"]["generation"]
+    assert before["spec"]["generation"] == policy.metadata.generation
+
+    edited = policy_manifest(19)
+    edited["spec"]["ingress"][0]["ports"] = [{"port": 1919}]
+    kind, rv = await env.apply_manifest(edited)
+    await env.wait_enforced({kind: rv}, timeout=60)  # waits for both generations to match (testbed/env.py)
+
+    after = (await statuses(env))[f"{NS}.{name}"]
+    policy = await net.read_namespaced_network_policy(name, NS)
+    assert policy.metadata.generation == before["status"]["policyGeneration"] + 1
+    assert after["status"]["policyGeneration"] == policy.metadata.generation
+    assert after["metadata"]["generation"] == before["metadata"]["generation"] + 1  # its spec followed the policy
+    assert after["status"]["observedGeneration"] == after["metadata"]["generation"]
+    ready = next(c for c in after["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True" and ready["observedGeneration"] == after["metadata"]["generation"]
+    assert all(c["observedGeneration"] == after["metadata"]["generation"] for c in after["status"]["conditions"])

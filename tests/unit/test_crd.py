@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,13 @@ def load() -> dict[str, Any]:
 
 
 def schema_at(schema: dict[str, Any], json_path: str) -> dict[str, Any]:
+    """The schema of the field a printer column's JSONPath names (``a.b[?(...)].c``: c of b's items)."""
     node = schema
-    for part in json_path.strip(".").split("."):
-        node = node["properties"][part]
+    for part in re.sub(r"\[\?\(.*?\)\]", "[]", json_path).strip(".").split("."):
+        name, array, _ = part.partition("[]")
+        node = node["properties"][name]
+        if array:
+            node = node["items"]
     return node
 
 
@@ -94,6 +99,12 @@ def test_printer_columns_point_at_schema_fields() -> None:
             continue
         field = schema_at(schema, column["jsonPath"])
         assert field["type"] == column["type"], name
+    # -o wide: the Ready condition's reason and headline, not an internal revision
+    assert [(c["name"], c["priority"]) for c in version["additionalPrinterColumns"] if "priority" in c] == [
+        ("Reason", 1), ("Message", 1),
+    ]
+    assert columns["Reason"]["jsonPath"] == '.status.conditions[?(@.type=="Ready")].reason'
+    assert columns["Message"]["jsonPath"] == '.status.conditions[?(@.type=="Ready")].message'
 
 
 def test_status_schema() -> None:
@@ -103,8 +114,10 @@ def test_status_schema() -> None:
     assert set(spec["properties"]["policy"]["properties"]) == {"namespace", "name", "uid"}
     status = schema["properties"]["status"]["properties"]
     assert status["phase"]["enum"] == ["Pending", "Enforced", "Degraded"]
-    for name in ("requiredNodes", "syncedNodes", "endpoints", "revision", "observedGeneration"):
+    for name in ("requiredNodes", "syncedNodes", "endpoints", "revision", "observedGeneration", "policyGeneration"):
         assert status[name]["type"] == "integer", name
+    assert "ClusterPolicyStatus" in status["observedGeneration"]["description"]
+    assert "NetworkPolicy" in status["policyGeneration"]["description"]
     assert status["synced"]["type"] == "string"
     node = status["nodes"]["items"]
     assert set(node["properties"]) == {"name", "synced", "appliedRevision", "message"}

@@ -1,4 +1,4 @@
-"""The Dockerfile: hadolint-clean, its stages and labels, and the agent entry point's backend choice.
+"""The Dockerfile: hadolint-clean, stages, labels, dependency locks, and the agent entry point's backend choice.
 
 No container runtime is needed: the Dockerfile is parsed, and the scripts it
 runs (image/*.sh) are run here against fake iptables tools.
@@ -7,6 +7,7 @@ tests/integration/test_image.py builds the wheel and installs it as the image do
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,9 +20,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
+RUNTIME_LOCK = REPO / "image" / "requirements.lock"
+BUILD_LOCK = REPO / "image" / "build-requirements.lock"
 ENTRYPOINT = REPO / "image" / "agent-entrypoint.sh"
 
 
@@ -104,11 +109,17 @@ def test_python_base_image_is_slim_and_pinned() -> None:
 
 def test_wheel_built_and_installed_by_the_shared_script() -> None:
     build = [i.args for i in stage("build") if i.keyword == "RUN"]
-    assert "python -m build --wheel --outdir /dist" in build
+    # The build tools come from their lock; no isolation: the build uses exactly those.
+    assert "pip install --no-cache-dir --require-hashes --no-deps -r /tmp/build-requirements.lock" in build
+    assert "python -m build --wheel --no-isolation --outdir /dist" in build
+    assert "image/build-requirements.lock /tmp/build-requirements.lock" in [
+        i.args for i in stage("build") if i.keyword == "COPY"]
     copies = [i.args for i in stage("base") if i.keyword == "COPY"]
     assert "image/install-wheel.sh /usr/local/lib/netfence/install-wheel.sh" in copies
+    assert "image/requirements.lock /tmp/requirements.lock" in copies
     assert "--from=build /dist/ /tmp/dist/" in copies
-    assert one("base", "RUN").startswith("sh /usr/local/lib/netfence/install-wheel.sh /opt/netfence /tmp/dist")
+    assert one("base", "RUN").startswith(
+        "sh /usr/local/lib/netfence/install-wheel.sh /opt/netfence /tmp/dist /tmp/requirements.lock")
     assert "VIRTUAL_ENV=/opt/netfence" in one("base", "ENV")
     assert "PATH=/opt/netfence/bin:$PATH" in one("base", "ENV")
 
@@ -121,6 +132,14 @@ def test_oci_labels_carry_version_and_source() -> None:
     assert labels["org.opencontainers.image.version"] == "${VERSION}"
     assert labels["org.opencontainers.image.source"].startswith("https://")
     assert labels["org.opencontainers.image.title"] == "netfence"
+    # Revision and creation time come from build arguments (documented at the top of the Dockerfile).
+    assert labels["org.opencontainers.image.revision"] == "${REVISION}"
+    assert labels["org.opencontainers.image.created"] == "${CREATED}"
+    args = {i.args.split("=")[0] for i in stage("base") if i.keyword == "ARG"}
+    assert {"REVISION", "CREATED"} <= args
+    header = DOCKERFILE.read_text().split("ARG PYTHON_IMAGE", 1)[0]
+    assert '--build-arg REVISION="$(git rev-parse HEAD)"' in header
+    assert '--build-arg CREATED="$(git log -1 --format=%cI)"' in header
 
 
 def test_controller_runs_as_non_root_through_its_console_script() -> None:
@@ -134,7 +153,8 @@ def test_controller_runs_as_non_root_through_its_console_script() -> None:
 def test_agent_carries_iptables_both_backends_and_ipset() -> None:
     runs = [i.args for i in stage("agent") if i.keyword == "RUN"]
     install = next(r for r in runs if "apt-get install" in r)
-    packages = set(install.split("--no-install-recommends", 1)[1].split("&&", 1)[0].split())
+    packages = {p.strip('"').split("=")[0] for p in
+                install.split("--no-install-recommends", 1)[1].split("&&", 1)[0].split()}
     assert {"iptables", "ipset"} <= packages
     assert "rm -rf /var/lib/apt/lists/*" in install
     assert any(r.startswith("sh /usr/local/lib/netfence/install-iptables-backends.sh /usr/local/lib/netfence")
@@ -225,3 +245,98 @@ def test_agent_entrypoint_defaults_to_auto(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "using the iptables legacy backend" in result.stderr
     assert os.path.basename(result.stdout.splitlines()[0].split(":")[0]) == "iptables-legacy"
+
+
+# --- dependency locks ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pin:
+    name: str
+    version: str
+    hashes: tuple[str, ...]
+    via: tuple[str, ...]
+
+
+def parse_lock(text: str) -> dict[str, Pin]:
+    """pip-compile's output: ``name==version \\ --hash=sha256:... # via ...`` blocks, by canonical name."""
+    pins: dict[str, Pin] = {}
+    blocks = [b.strip("\n") for b in re.split(r"\n(?=[A-Za-z0-9])", "\n" + text)]
+    for block in blocks:
+        if not block or block.startswith("#"):
+            continue
+        head = block.split()[0]
+        assert re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!_-]+", head), f"not an exact pin: {head!r}"
+        name, version = head.split("==")
+        hashes = tuple(re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+        via_text = block.split("# via", 1)[1] if "# via" in block else ""
+        via = tuple(canonicalize_name(v) for v in re.findall(r"^\s*#\s+([A-Za-z0-9._-]+)\s*$", via_text, re.M))
+        via += tuple(canonicalize_name(v) for v in re.findall(r"# via ([A-Za-z0-9._-]+)\s*$", block, re.M))
+        pins[canonicalize_name(name)] = Pin(canonicalize_name(name), version, hashes, via)
+    return pins
+
+
+def dependencies_digest(dependencies: list[str]) -> str:
+    """The digest hack/lock-requirements.sh writes on the lock's first line (same normalisation)."""
+    text = "\n".join(sorted({re.sub(r"\s+", "", d) for d in dependencies}))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_runtime_lock_matches_pyproject() -> None:
+    """The lock is what hack/lock-requirements.sh makes from today's pyproject.
+
+    Offline, re-resolving is impossible; instead: (1) the lock's first line is the
+    digest of pyproject's dependency list when it was made, so any change to that
+    list without a new lock fails here; (2) every pyproject dependency is pinned
+    to a version its specifier allows; (3) every pin is exact and has hashes (else
+    `pip install --require-hashes` fails); (4) the lock is closed: every pin that
+    is not a pyproject dependency is required ("# via") by another pin.
+    tests/integration/test_image.py re-runs pip-compile against PyPI and installs it.
+    """
+    text = RUNTIME_LOCK.read_text()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    first = text.splitlines()[0]
+    assert first == f"# pyproject-dependencies-sha256: {dependencies_digest(project['dependencies'])}", (
+        "pyproject.toml's dependencies changed since image/requirements.lock was made: run hack/lock-requirements.sh")
+    assert "#    hack/lock-requirements.sh" in text
+    assert "--find-links" not in text and "--index-url" not in text and "\n-e " not in text
+    pins = parse_lock(text)
+    direct = {canonicalize_name(Requirement(d).name): Requirement(d) for d in project["dependencies"]}
+    for name, requirement in direct.items():
+        assert name in pins, f"{name} is not in the lock"
+        assert requirement.specifier.contains(pins[name].version, prereleases=True), (requirement, pins[name])
+    for pin in pins.values():
+        assert pin.hashes, f"{pin.name} has no hash"
+        assert pin.name in direct or set(pin.via) & set(pins), f"{pin.name} is required by nothing in the lock"
+    # The packages the code imports at run time are all there.
+    assert {"kopf", "kubernetes-asyncio", "etcd3aio", "pyyaml", "grpcio", "protobuf"} <= set(pins)
+
+
+def test_build_lock_pins_the_build_system() -> None:
+    pins = parse_lock(BUILD_LOCK.read_text())
+    build_system = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    for requirement in map(Requirement, build_system):
+        name = canonicalize_name(requirement.name)
+        assert name in pins, name
+        assert requirement.specifier.contains(pins[name].version), (requirement, pins[name])
+    wanted = [Requirement(line) for line in (REPO / "image" / "build-requirements.in").read_text().split()]
+    for requirement in wanted:
+        assert requirement.specifier.contains(pins[canonicalize_name(requirement.name)].version)
+    assert all(pin.hashes for pin in pins.values())
+
+
+def test_install_script_requires_hashes_and_installs_nothing_else() -> None:
+    script = (REPO / "image" / "install-wheel.sh").read_text()
+    assert '--require-hashes --no-deps -r "$lock"' in script
+    assert '--no-deps "$wheel_dir"/netfence-*.whl' in script
+    assert script.rstrip().endswith('"$venv/bin/pip" check')
+
+
+def test_debian_packages_are_pinned() -> None:
+    install = next(i.args for i in stage("agent") if i.keyword == "RUN" and "apt-get install" in i.args)
+    packages = install.split("--no-install-recommends", 1)[1].split("&&", 1)[0].split()
+    assert packages and all("=" in p for p in packages), packages
+    args = dict(i.args.split("=", 1) for i in stage("agent") if i.keyword == "ARG")
+    assert args["IPTABLES_VERSION"] and args["IPSET_VERSION"]
+    assert (REPO / ".hadolint.yaml").read_text().count("DL3008") == 1  # only mentioned, not ignored
+    assert yaml.safe_load((REPO / ".hadolint.yaml").read_text())["ignored"] == []

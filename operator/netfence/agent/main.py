@@ -25,6 +25,7 @@ async def run(config: AgentConfig) -> None:
     from netfence.agent import health
     from netfence.agent.loop import Agent
     from netfence.dataplane.apply import Dataplane
+    from netfence.dataplane.counters import read_counters
     from netfence.dataplane.runner import SubprocessRunner
     from netfence.store.etcd import EtcdStore
 
@@ -33,7 +34,8 @@ async def run(config: AgentConfig) -> None:
     dataplane = Dataplane(runner, ipv6=config.ipv6)
     features = await asyncio.to_thread(dataplane.detect_features)
     agent = Agent(config, store, dataplane, features)
-    http = await health.serve(agent.health.as_json, config.health_host, config.health_port)
+    http = await health.serve(agent.health.as_json, config.health_host, config.health_port,
+                              counters=lambda chains, family: read_counters(runner, chains, family))
     main_task = asyncio.create_task(_connect_and_run(agent, store))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

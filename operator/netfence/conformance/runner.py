@@ -21,7 +21,7 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,8 @@ class ScenarioResult:
 
 
 Cell = tuple[str, str]  # (client pod key, server pod key)
+#: Called after a step's probes, before the next step acts (the state probed is still in force).
+AfterStep = Callable[["ScenarioRun", StepResult], Awaitable[None]]
 
 
 def judge(
@@ -148,13 +150,14 @@ class ScenarioRun:
     """Runs one parsed scenario on a prepared environment."""
 
     def __init__(self, scenario: Scenario, env: NetfenceEnv, prober: Prober, timeout: float,
-                 out: Callable[[str], None], dump_dir: Path):
+                 out: Callable[[str], None], dump_dir: Path, after_step: AfterStep | None = None):
         self.scenario = scenario
         self.env = env
         self.prober = prober
         self.timeout = timeout
         self.out = out
         self.dump_dir = dump_dir
+        self.after_step = after_step
         self.pods: dict[str, PodSpec] = {}
         self.round_robin = itertools.count()
 
@@ -305,6 +308,8 @@ class ScenarioRun:
                 break
             if step.expect:
                 step_result.expects = await asyncio.to_thread(self.probe_step, list(step.expect))
+                if self.after_step is not None:  # e.g. tests comparing `netfence explain` with the probes
+                    await self.after_step(self, step_result)
             step_result.passed = all(er.passed for er in step_result.expects)
             if step_result.status == "skipped":
                 only = ", ".join(f"{e.port}/{e.protocol}" for e in step_result.expects)
@@ -351,6 +356,7 @@ async def run_scenarios(
     timeout: float = 60.0,
     out: Callable[[str], None],
     source_ports: SourcePorts | None = None,
+    after_step: AfterStep | None = None,
 ) -> list[ScenarioResult]:
     """Run ``scenarios`` one after the other; ``source_ports`` defaults to a fresh
     :meth:`SourcePorts.for_run` reserving every port the scenarios use."""
@@ -372,7 +378,7 @@ async def run_scenarios(
         try:
             await env.start()
             scenario_for_run = scenario if nodes == scenario.nodes else _with_nodes(scenario, nodes)
-            run = ScenarioRun(scenario_for_run, env, prober, timeout, out, workdir / "dumps")
+            run = ScenarioRun(scenario_for_run, env, prober, timeout, out, workdir / "dumps", after_step)
             result = await run.run()
         except ScenarioError as exc:
             result = ScenarioResult(scenario.name, str(scenario.path), "error", error=str(exc))

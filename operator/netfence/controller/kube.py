@@ -22,6 +22,9 @@ CPS_GROUP = "netfence.dev"
 CPS_VERSION = "v1alpha1"
 CPS_PLURAL = "clusterpolicystatuses"
 CPS_KIND = "ClusterPolicyStatus"
+# Seconds for one page (2000 objects) of a listing: a request to a starting or dying API server
+# must not hold up the re-list that follows a watch gap (it is retried).
+LIST_PAGE_TIMEOUT = 30.0
 
 
 def _int(value: Any) -> int:
@@ -88,7 +91,8 @@ class KubeApi:
         listing = KindListing()
         token: str | None = None
         while True:
-            resp = await call(_preload_content=False, limit=2000, _continue=token, **kwargs)
+            resp = await call(_preload_content=False, limit=2000, _continue=token,
+                              _request_timeout=LIST_PAGE_TIMEOUT, **kwargs)
             data = json.loads(await resp.read())
             kind = str(data.get("kind", "")).removesuffix("List")
             version = data.get("apiVersion", "v1")
@@ -159,17 +163,20 @@ class KubeApi:
                 return None
             raise
 
-    async def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
-        await self.custom.patch_cluster_custom_object(
+    async def patch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``spec`` into the object's spec; returns the object as the API server has it now
+        (its ``metadata.generation`` moves when the spec changed)."""
+        result: dict[str, Any] = await self.custom.patch_cluster_custom_object(
             CPS_GROUP, CPS_VERSION, CPS_PLURAL, name, {"spec": spec}, _content_type="application/merge-patch+json"
         )
+        return result
 
-    async def patch_status(self, name: str, status: dict[str, Any]) -> bool:
+    async def patch_status(self, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
         """Set ``.status`` (one JSON-patch ``add``: it replaces an existing member and creates
-        a missing one, so a 422 means the status itself was rejected); False when the
-        object is gone."""
+        a missing one, so a 422 means the status itself was rejected); returns the object as
+        written (None when the object is gone)."""
         try:
-            await self.custom.patch_cluster_custom_object_status(
+            result: dict[str, Any] = await self.custom.patch_cluster_custom_object_status(
                 CPS_GROUP,
                 CPS_VERSION,
                 CPS_PLURAL,
@@ -179,9 +186,9 @@ class KubeApi:
             )
         except ApiException as exc:
             if exc.status == 404:
-                return False
+                return None
             raise
-        return True
+        return result
 
     async def delete_status(self, name: str) -> None:
         try:

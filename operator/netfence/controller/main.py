@@ -19,13 +19,17 @@ async def run(config: ControllerConfig) -> None:
     import kopf
 
     from netfence.controller.handlers import build_registry
+    from netfence.controller.health import liveness_server
 
-    await kopf.operator(
-        registry=build_registry(config),
-        standalone=True,  # leadership is decided in etcd, not by Kopf peering
-        clusterwide=True,
-        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
-    )
+    # /livez (NETFENCE_LIVENESS_PORT): alive while the loop answers, whatever etcd does;
+    # Kopf's /healthz below runs the probes (etcd) and is the readiness endpoint.
+    async with liveness_server(os.environ):
+        await kopf.operator(
+            registry=build_registry(config),
+            standalone=True,  # leadership is decided in etcd, not by Kopf peering
+            clusterwide=True,
+            liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

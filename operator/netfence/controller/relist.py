@@ -88,7 +88,7 @@ class KindRelister:
                 log.info("re-listing %s succeeded after %d failed attempts", kind, failed)
             failed = 0
             self.runs[kind] += 1
-            log.debug("re-listed %s (%s)", kind, ", ".join(sorted(reasons)))
+            log.info("re-listed %s (%s)", kind, ", ".join(sorted(reasons)))
 
     async def _settle(self, wanted: asyncio.Event) -> None:
         """Return once no request came for ``quiet`` seconds, or ``max_delay`` after the first."""

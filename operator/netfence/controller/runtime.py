@@ -99,6 +99,9 @@ class ControllerRuntime:
             log.info("listing of %s at %d: %d objects gone without a delete event (%s), %d updated",
                      kind, result.resource_version, len(result.removed),
                      ", ".join("/".join(filter(None, key)) for key in result.removed[:10]), result.applied)
+        else:
+            log.log(logging.INFO if result.applied else logging.DEBUG, "listing of %s at %d: %d updated",
+                    kind, result.resource_version, result.applied)
         if result.changed:
             self.syncer.notify()
             self.status.mark_all()
@@ -125,6 +128,9 @@ class ControllerRuntime:
             self.status.request_resync()
         else:
             await self.relist(kind)
+        # The API server answers: status writes that failed meanwhile (an outage) go now,
+        # not after their per-object backoff.
+        self.status.api_answers()
 
     async def _periodic_resync(self, period: float = 300.0) -> None:
         """Backstop: reconcile every kind against a fresh listing now and then."""

@@ -7,6 +7,12 @@ recreated when someone deletes them. ``.status`` is computed by the pure
 :func:`netfence.status.aggregate.compute_status` and written only when it
 differs from what this writer wrote last.
 
+Generations: ``status.observedGeneration`` is the ClusterPolicyStatus object's
+own ``metadata.generation`` (as kstatus, Flux and Argo CD read it), taken from
+the listing and from every create/patch response; ``status.policyGeneration``
+is the NetworkPolicy's. A response showing a generation other than the one just
+written (someone changed the spec) marks the object for another write.
+
 Every object is written on its own: an API error on one object is recorded for
 that object, which is retried with its own backoff (0.5 s doubling, capped at
 30 s) while the others proceed. The error is posted once as a Kubernetes Event
@@ -21,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from netfence.controller.kube import KubeApi, api_error_text, cps_name, cps_reference, policy_reference
@@ -54,6 +61,18 @@ CALL_TIMEOUT = 10.0  # one object's API calls; a hung request must not hold up t
 def backoff_delay(attempts: int, first: float = BACKOFF_FIRST, cap: float = BACKOFF_MAX) -> float:
     """Seconds to wait after ``attempts`` consecutive failures (>= 1) of one object."""
     return min(cap, first * 2.0 ** min(max(attempts - 1, 0), 30))
+
+
+TRANSIENT_BACKOFF_MAX = 1.0  # API server unreachable or restarting: retry soon, it answers again any moment
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that say nothing about the object: no connection, a timeout, or an
+    API server that is (re)starting or overloaded (5xx, 429). Those retry at least every
+    second, so status follows within a second of the API server answering again."""
+    if isinstance(exc, ApiException):
+        return exc.status is None or exc.status == 429 or exc.status >= 500
+    return isinstance(exc, (OSError, TimeoutError, aiohttp.ClientError))
 
 
 @dataclass
@@ -90,6 +109,7 @@ class StatusWriter:
         self.written: dict[str, dict[str, Any]] = {}  # name -> status without times
         self.full_status: dict[str, dict[str, Any]] = {}
         self.existing: set[str] = set()
+        self.generations: dict[str, int] = {}  # name -> the object's metadata.generation, as last seen
         self.failures: dict[str, ObjectFailure] = {}  # object name -> its failures ("" = the listing)
         self.api_writes = 0
         self._last_spec: dict[str, dict[str, Any]] = {}
@@ -152,6 +172,17 @@ class StatusWriter:
     async def delete(self, namespace: str, name: str) -> None:
         """The policy was deleted: its status object goes (asynchronously, retried on errors)."""
         self.policies_removed([(namespace, name)])
+
+    def api_answers(self) -> None:
+        """The API server answered the controller's own listing (after a watch gap or an
+        outage): retry failed objects now instead of after their grown backoff, so status
+        catches up within a second of the API server's return (issue 9.1; added by H1)."""
+        if not self.failures:
+            return
+        now = self._now()
+        for failure in self.failures.values():
+            failure.due = min(failure.due, now)
+        self._wake.set()
 
     # --- loop -----------------------------------------------------------
 
@@ -243,6 +274,7 @@ class StatusWriter:
         }
         self.full_status = {n: listed[n]["status"] for n in self.existing if listed[n].get("status")}
         self._last_spec = {n: listed[n].get("spec", {}) for n in self.existing}
+        self.generations = {n: object_generation(listed[n]) for n in self.existing}
         self._resync = False
         self._next_resync = now + self.resync_seconds
         self._dirty.update(self.world.policies)
@@ -275,6 +307,7 @@ class StatusWriter:
         self.written.pop(name, None)
         self.full_status.pop(name, None)
         self._last_spec.pop(name, None)
+        self.generations.pop(name, None)
         self.failures.pop(name, None)
         self._rejections.pop(name, None)
 
@@ -282,7 +315,8 @@ class StatusWriter:
         """Record a failure of one object (``""``: the listing); post each distinct error once."""
         failure = self.failures.setdefault(name, ObjectFailure())
         failure.attempts += 1
-        failure.due = self._now() + backoff_delay(failure.attempts)
+        cap = TRANSIENT_BACKOFF_MAX if is_transient(exc) else BACKOFF_MAX
+        failure.due = self._now() + backoff_delay(failure.attempts, cap=cap)
         failure.error = api_error_text(exc)
         what = f"ClusterPolicyStatus {name}" if name else "listing ClusterPolicyStatus objects"
         log.warning("%s failed (attempt %d, retry in %.1fs): %s", what, failure.attempts,
@@ -308,8 +342,10 @@ class StatusWriter:
         error = self.world.policy_errors.get((meta.namespace, meta.name))
         if error:
             warnings.append(f"invalid policy, not compiled: {error}")
+        object_gen = self.generations.get(cps_name(meta.namespace, meta.name), 0)
         if view is None:
-            return PolicyFacts(meta.namespace, meta.name, meta.generation, frozenset(), 0, 0, tuple(warnings))
+            return PolicyFacts(meta.namespace, meta.name, meta.generation, frozenset(), 0, 0, tuple(warnings),
+                               object_generation=object_gen)
         revision = max((self.key_revisions.get(k, 0) for k in view.relevant_keys), default=0)
         warnings.extend(view.warnings)
         return PolicyFacts(
@@ -321,6 +357,7 @@ class StatusWriter:
             revision=revision,
             warnings=tuple(warnings),
             bad_keys=bad_keys,
+            object_generation=object_gen,
         )
 
     async def _write_one(self, meta: PolicyMeta, bad_keys: tuple[BadKeyHit, ...] = ()) -> None:
@@ -337,10 +374,13 @@ class StatusWriter:
             self.written.pop(name, None)
             self.full_status.pop(name, None)
             self._last_spec[name] = spec if created is not None else {}  # 409: adopt, and fix its spec
+            if created is not None:
+                self.generations[name] = object_generation(created)
         if self._last_spec.get(name) != spec:
-            await self.kube.patch_spec(name, spec)
+            patched = await self.kube.patch_spec(name, spec)
             self.api_writes += 1
             self._last_spec[name] = spec
+            self.generations[name] = object_generation(patched)
         status = compute_status(self.facts(meta, bad_keys), self.reports)
         if self.written.get(name) == status:
             return
@@ -361,7 +401,7 @@ class StatusWriter:
                 await self._event(cps_reference(name), "StatusRejected", f"status of {name} rejected: {error}")
         else:
             self._rejections.pop(name, None)
-        if not present:
+        if present is None:
             self._forget(name)
             self._dirty.add((meta.namespace, meta.name))
             self._wake.set()
@@ -369,3 +409,16 @@ class StatusWriter:
         self.api_writes += 1
         self.written[name] = status  # also after a reduced write: retried only when the status changes
         self.full_status[name] = full
+        now_generation = object_generation(present)
+        if now_generation and now_generation != status["observedGeneration"]:
+            # Someone changed the object's spec meanwhile: put our spec back and write again.
+            self.generations[name] = now_generation
+            self._last_spec[name] = present.get("spec") or {}
+            self._dirty.add((meta.namespace, meta.name))
+            self._wake.set()
+
+
+def object_generation(obj: Mapping[str, Any] | None) -> int:
+    """``metadata.generation`` of an API object (0 when absent or not a number)."""
+    value = ((obj or {}).get("metadata") or {}).get("generation")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

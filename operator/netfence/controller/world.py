@@ -118,7 +118,8 @@ class WorldTracker:
         floor = self.floor[kind]
         if floor and resource_version <= floor:
             return MergeResult(kind, resource_version, stale=True)
-        self.observed[kind] = max(self.observed[kind], resource_version)
+        # Not raised to ``resource_version``: that moves with every write in the cluster, and
+        # meta/observed is committed when it changes (a re-list must not cause a commit).
         seen: set[tuple[str, str]] = set()
         applied = 0
         for body in items:
@@ -126,6 +127,7 @@ class WorldTracker:
             seen.add((ns, name))
             ident = (kind, ns, name)
             rv = _rv(body)
+            self.observed[kind] = max(self.observed[kind], rv)
             if rv and (rv <= self.versions.get(ident, 0) or rv <= self.tombstones.get(ident, 0)):
                 continue
             self.versions[ident] = rv

@@ -334,7 +334,8 @@ class _FamilyRenderer:
         self.chains[FORWARD_CHAIN] = (*ESTABLISHED_RETURN, f"-j {FROM_WL_CHAIN}", f"-j {TO_WL_CHAIN}")
         # Policy chains that ended up empty are never jumped to: leave them out.
         out = {n: rules for n, rules in self.chains.items() if rules or n.startswith("NETFENCE-")}
-        self._add_jump_targets(out)
+        if not self.pins.empty:  # without pins every jump target is a rendered, non-empty chain
+            self._add_jump_targets(out)
         return dict(sorted(out.items()))
 
     def _add_jump_targets(self, out: dict[str, tuple[str, ...]]) -> None:

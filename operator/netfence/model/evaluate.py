@@ -43,6 +43,10 @@ class _NetSet:
         return False
 
 
+#: ``net`` set membership with ipset ``hash:net`` ``nomatch`` semantics (also used by netfence.explain.trace).
+NetSet = _NetSet
+
+
 class Packet(NamedTuple):
     src: str  # normalised addresses
     dst: str

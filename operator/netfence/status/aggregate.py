@@ -16,6 +16,14 @@ A required node that reports rules of the policy as *unenforceable* (the
 kernel cannot express them; they are rendered to match nothing) adds a
 ``Warning`` condition naming the node and the feature.
 
+Generations follow the Kubernetes conventions that kstatus, Flux and Argo CD
+read: ``status.observedGeneration`` (and every condition's
+``observedGeneration``) is the ClusterPolicyStatus object's own
+``metadata.generation``; the NetworkPolicy generation the status reflects is
+``status.policyGeneration``. The Ready condition's message is a short headline
+(``kubectl get policystatus -o wide`` shows it); the Degraded condition carries
+the full detail.
+
 Every value fits the CRD's limits (``crds/clusterpolicystatus.yaml``): lists
 are capped and the number left out is given (``nodesOmitted``,
 ``warningsOmitted``), strings are cut to their ``maxLength``, integers are
@@ -29,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 MESSAGE_LIMIT = 512  # condition messages (the CRD allows 32768; kept short for kubectl)
+READY_MESSAGE_LIMIT = 120  # the Ready condition's message: a headline for `kubectl get -o wide`
 NODE_MESSAGE_LIMIT = 256  # per-node messages (CRD: 1024)
 NODE_LIST_LIMIT = 64  # entries of .status.nodes (CRD: maxItems 256)
 NODE_NAME_LIMIT = 253  # CRD: nodes[].name maxLength
@@ -141,12 +150,15 @@ class PolicyFacts:
 
     namespace: str
     name: str
-    generation: int
+    generation: int  # metadata.generation of the NetworkPolicy (-> status.policyGeneration)
     required_nodes: frozenset[str]
     endpoints: int
     revision: int  # commit revision of the policy's last relevant change
     warnings: tuple[str, ...] = ()
     bad_keys: tuple[BadKeyHit, ...] = ()  # on any node; only required nodes count
+    #: metadata.generation of the ClusterPolicyStatus object the status is written to
+    #: (-> status.observedGeneration and the conditions' observedGeneration).
+    object_generation: int = 0
 
 
 def _cap(text: str, limit: int = MESSAGE_LIMIT) -> str:
@@ -255,13 +267,13 @@ def compute_status(facts: PolicyFacts, reports: Mapping[str, NodeReport]) -> dic
         phase, reason = "Pending", "WaitingForNodes"
         message = f"waiting for {_names(lagging)} to apply revision {facts.revision}"
 
-    generation = _int(facts.generation, INT64_MAX)
+    generation = _int(facts.object_generation, INT64_MAX)
     conditions = [
         {
             "type": "Ready",
             "status": "True" if phase == "Enforced" else "False",
             "reason": reason,
-            "message": _cap(message),
+            "message": ready_message(message, degraded=phase == "Degraded"),
             "observedGeneration": generation,
         },
         {
@@ -298,6 +310,7 @@ def compute_status(facts: PolicyFacts, reports: Mapping[str, NodeReport]) -> dic
         "endpoints": _int(facts.endpoints, INT32_MAX),
         "revision": _int(facts.revision, INT64_MAX),
         "observedGeneration": generation,
+        "policyGeneration": _int(facts.generation, INT64_MAX),
         "nodes": shown_nodes,
         "conditions": conditions,
         "warnings": shown_warnings,
@@ -307,6 +320,15 @@ def compute_status(facts: PolicyFacts, reports: Mapping[str, NodeReport]) -> dic
     if len(warnings) > len(shown_warnings):
         status["warningsOmitted"] = _int(len(warnings) - len(shown_warnings), INT32_MAX)
     return status
+
+
+def ready_message(message: str, *, degraded: bool) -> str:
+    """The Ready condition's message: ``message`` cut to a headline of READY_MESSAGE_LIMIT
+    characters; when cut and the policy is Degraded, it points at the Degraded condition."""
+    if len(message) <= READY_MESSAGE_LIMIT:
+        return message
+    tail = " ... (see Degraded)" if degraded else "..."
+    return message[: READY_MESSAGE_LIMIT - len(tail)].rstrip(" ;,") + tail
 
 
 def _node_entries(
@@ -352,7 +374,8 @@ def reduced_status(status: Mapping[str, Any], error: str) -> dict[str, Any]:
     Degraded policy still says so), drops the detail lists, and adds a
     ``StatusWriteFailed`` condition carrying the API server's error.
     """
-    keep = ("phase", "requiredNodes", "syncedNodes", "synced", "endpoints", "revision", "observedGeneration")
+    keep = ("phase", "requiredNodes", "syncedNodes", "synced", "endpoints", "revision", "observedGeneration",
+            "policyGeneration")
     out: dict[str, Any] = {k: status[k] for k in keep if k in status}
     generation = int(status.get("observedGeneration", 0))
     conditions = [c for c in status.get("conditions", []) if c.get("type") in ("Ready", "Degraded", "Warning")]

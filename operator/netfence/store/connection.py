@@ -276,7 +276,7 @@ class Connection:
             started = self._clock()
             try:
                 channel = await self._build()
-            except (StoreError, OSError) as exc:
+            except Exception as exc:  # a host name that no longer resolves, unreadable TLS files
                 self._policy.rebuilt(self._clock())  # try again after another whole period
                 log.warning("rebuilding the etcd channel failed (%s); keeping the old one", exc)
                 return

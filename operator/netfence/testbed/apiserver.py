@@ -61,8 +61,17 @@ class KubeApiServer:
         pki: Pki | None = None,
         name: str = "kube-apiserver",
         etcd_prefix: str = "/registry",
+        address: str = "127.0.0.1",
+        node_mode: bool = False,
     ):
         self.binary = binary
+        # ``address``: bind and advertise address (127.0.0.1 unless a node network
+        # needs to reach the server, see testbed/node.py). ``node_mode``: real
+        # kubelets and pods use this server: the ServiceAccount admission plugin
+        # and the lease endpoint reconciler are on, and the server reaches the
+        # kubelets with the admin client certificate.
+        self.address = address
+        self.node_mode = node_mode
         self.workdir = workdir
         self.etcd_url = etcd_url
         self.port = port or free_port()
@@ -82,7 +91,7 @@ class KubeApiServer:
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.address}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -112,8 +121,8 @@ class KubeApiServer:
             f"--etcd-servers={self.etcd_url}",
             f"--etcd-prefix={self.etcd_prefix}",
             f"--secure-port={self.port}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.address}",
+            f"--advertise-address={self.address}",
             f"--tls-cert-file={pki.server_cert}",
             f"--tls-private-key-file={pki.server_key}",
             f"--client-ca-file={pki.ca_cert}",
@@ -124,18 +133,30 @@ class KubeApiServer:
             f"--service-account-signing-key-file={pki.sa_key}",
             f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            "--disable-admission-plugins=ServiceAccount",
-            "--endpoint-reconciler-type=none",
+            *self._mode_args(),
             "--allow-privileged=true",
             "--profiling=false",
             f"--cert-dir={self.workdir / 'cert-dir'}",
             "--v=0",
         ]
 
+    def _mode_args(self) -> list[str]:
+        if not self.node_mode:
+            return ["--disable-admission-plugins=ServiceAccount", "--endpoint-reconciler-type=none"]
+        pki = self.pki
+        return [
+            "--endpoint-reconciler-type=lease",
+            # the node's name resolves nowhere: dial the kubelet at its InternalIP
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={pki.admin_cert}",
+            f"--kubelet-client-key={pki.admin_key}",
+        ]
+
     def write_files(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self._pki is None and not all(p.exists() for p in self.pki.files()):
-            generate_pki(self.pki.dir)
+            extra = [self.address] if self.address != "127.0.0.1" else []
+            generate_pki(self.pki.dir, extra_ips=extra)
         t = self.unprivileged
         self.token_file.write_text(f'{t.token},{t.user},{t.uid},"{",".join(t.groups)}"\n')
         self.token_file.chmod(0o600)

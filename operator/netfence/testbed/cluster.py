@@ -265,8 +265,13 @@ class LocalCluster:
         *,
         api_port: int | None = None,
         crd_dir: Path | None = None,
+        api_address: str = "127.0.0.1",
+        node_mode: bool = False,
     ):
         self.workdir = workdir.resolve()
+        # See KubeApiServer: the API server's address, and real nodes (testbed/node.py).
+        self.api_address = api_address
+        self.node_mode = node_mode
         self.tools = tools
         self.api_port = api_port
         self.crd_dir = crd_dir or packaged_crd_dir()
@@ -390,7 +395,8 @@ class LocalCluster:
         attempts = 1 if self.api_port else _PORT_ATTEMPTS
         for attempt in range(1, attempts + 1):
             self._apiserver = KubeApiServer(
-                self.tools.kube_apiserver, self.workdir, self.api_etcd.url, port=self.api_port
+                self.tools.kube_apiserver, self.workdir, self.api_etcd.url, port=self.api_port,
+                address=self.api_address, node_mode=self.node_mode,
             )
             offset = _size(self._apiserver.log_path)
             try:

@@ -246,8 +246,14 @@ class NetfenceEnv:
             pending = []
             for policy in policies:
                 name = f"{policy.metadata.namespace}.{policy.metadata.name}"
-                status = statuses.get(name, {}).get("status") or {}
-                if status.get("phase") != "Enforced" or status.get("observedGeneration") != policy.metadata.generation:
+                obj = statuses.get(name, {})
+                status = obj.get("status") or {}
+                # policyGeneration: the NetworkPolicy's; observedGeneration: the status object's own
+                current = (
+                    status.get("policyGeneration") == policy.metadata.generation
+                    and status.get("observedGeneration") == obj.get("metadata", {}).get("generation")
+                )
+                if status.get("phase") != "Enforced" or not current:
                     pending.append(f"{name}={status.get('phase', 'missing')}")
             if not pending:
                 return

@@ -4,10 +4,18 @@ Issue 9.1: after an API server restart Kopf re-lists (its watch resource version
 410), and a re-list reports only objects that exist, so deletions made before the watch
 was back never reached the controller. Here the API server is stopped (SIGTERM, or
 SIGKILL; in the third case the leading controller is SIGKILLed during the outage as well,
-so the standby takes over) and restarted with the same arguments after 40 s. The moment it
+so the standby takes over) and restarted with the same arguments once it has been away for
+40 s (a SIGTERMed API server drains its watches for 60 s before it exits, refusing new
+requests meanwhile). During the outage the history of the API server's etcd is compacted,
+as its periodic compaction would after a while: the watches cannot resume from their
+resource versions, Kopf has to re-list — the case of the issue. The moment the API server
 answers, a series of changes is made:
 
-* an allow policy is deleted (``c1 -> api`` turns denied, its ClusterPolicyStatus goes),
+* an allow policy is deleted (``c1 -> api`` turns denied, its ClusterPolicyStatus goes) —
+  with the API server's first answer, while the controllers are held (SIGSTOP, under their
+  lease TTL) so that it lands before their watches are back whatever their retry phase:
+  the deletion then reaches a controller only through its own listing after Kopf's re-list
+  (asserted from its log line),
 * a policy is created (``c2 -> api`` turns allowed),
 * a pod is relabelled (``c3 -> api`` turns allowed),
 * a namespace is relabelled (``c5 -> api`` turns allowed),
@@ -39,6 +47,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+from etcd3aio import Etcd3Client
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from tests.integration.enforcement_helpers import (
@@ -63,6 +72,9 @@ log = logging.getLogger(__name__)
 
 OUTAGE = 40.0  # seconds the API server is down
 BUDGET = 5.0  # seconds from its first answer until every change is enforced everywhere
+# Controllers are SIGSTOPped while the API server starts (up to ~15 s): their leases must outlive
+# that. A standby still takes over well within the outage.
+LEASE_TTL = 20
 
 T = TypeVar("T")
 
@@ -133,12 +145,14 @@ async def build_bed(env: NetfenceEnv, tag: str) -> Bed:
 
 @pytest.fixture
 async def bed(cluster: LocalCluster, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Bed]:
-    env = NetfenceEnv(cluster, tmp_path / "env", nodes=2, report_ttl=4)
+    env = NetfenceEnv(cluster, tmp_path / "env", nodes=2, report_ttl=4, lease_ttl=LEASE_TTL)
     tag = hashlib.sha256(request.node.name.encode()).hexdigest()[:6]
     await env.start()
     try:
         yield await build_bed(env, tag)
     finally:
+        for proc in env.controllers.values():
+            proc.signal(signal.SIGCONT)
         try:
             if not cluster.apiserver.process or not cluster.apiserver.process.alive():
                 await asyncio.to_thread(cluster.restart_apiserver)  # whatever happened, leave it running
@@ -173,6 +187,32 @@ async def first_answer(cluster: LocalCluster) -> float:
         await asyncio.sleep(0.02)
 
 
+def _delete(url: str, context: ssl.SSLContext) -> bool:
+    request = urllib.request.Request(url, method="DELETE")
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=0.5) as resp:
+            return resp.status in (200, 202)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise AssertionError(f"{url} was already gone") from exc
+        return False  # 5xx/429 while the server starts
+    except OSError:
+        return False
+
+
+async def delete_when_answering(cluster: LocalCluster, ns: str, name: str) -> float:
+    """Delete a NetworkPolicy with the API server's first answer (tried every 20 ms): before the
+    controller's watches, retrying every second, can be back. The start of the successful try."""
+    server = cluster.apiserver
+    context = server.ssl_context()
+    url = f"{server.url}/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/{name}"
+    while True:
+        started = time.monotonic()
+        if await asyncio.to_thread(_delete, url, context):
+            return started
+        await asyncio.sleep(0.02)
+
+
 async def retrying(call: Callable[[], Awaitable[T]], what: str, timeout: float = 10.0) -> T:
     """An API call right after the restart: retry while the server is still settling (5xx, 429, resets)."""
     deadline = time.monotonic() + timeout
@@ -185,6 +225,19 @@ async def retrying(call: Callable[[], Awaitable[T]], what: str, timeout: float =
                 raise
             log.info("%s: %s; retrying", what, exc)
         await asyncio.sleep(0.05)
+
+
+async def compact_api_history(cluster: LocalCluster) -> None:
+    """Compact the API server's etcd up to now: watches cannot resume from older versions (410)."""
+    assert cluster.api_etcd is not None
+    raw = Etcd3Client([cluster.api_etcd.endpoint])
+    await raw.connect()
+    try:
+        assert raw.kv is not None
+        put = await raw.kv.put(b"/netfence-test/compaction-mark", b"x")  # outside the API server's prefix
+        await raw.kv.compact(put.header.revision, physical=True)
+    finally:
+        await raw.close()
 
 
 async def leader_of(env: NetfenceEnv) -> str:
@@ -204,7 +257,7 @@ async def leader_of(env: NetfenceEnv) -> str:
 
 
 async def make_changes(bed: Bed) -> dict[str, int]:
-    """Everything at once, as soon as the API server answers; the marks for ``wait_enforced``."""
+    """The other changes, at once; the marks for ``wait_enforced``."""
     env = bed.env
     assert env.api is not None
     core = client.CoreV1Api(env.api)
@@ -213,7 +266,6 @@ async def make_changes(bed: Bed) -> dict[str, int]:
     def mark(result: tuple[str, int]) -> None:
         marks[result[0]] = max(marks.get(result[0], 0), result[1])
 
-    mark(await retrying(lambda: env.delete_policy(bed.ns, "api-from-c1"), "delete api-from-c1"))
     mark(await retrying(lambda: env.apply_manifest(_policy(bed.ns, "api-from-c2", _from(
         {"podSelector": {"matchLabels": {"role": "c2"}}}))), "create api-from-c2"))
     mark(await retrying(lambda: env.label("Pod", "c3", {"trusted": "yes"}, bed.ns), "relabel c3"))
@@ -282,25 +334,37 @@ async def test_changes_after_an_api_server_outage_are_enforced_within_5s(bed: Be
         down_since = time.monotonic()
         await asyncio.to_thread(cluster.apiserver.kill, signal.SIGTERM if fault == "sigterm" else signal.SIGKILL)
         stopped = time.monotonic()
+        await compact_api_history(cluster)
         if fault == "sigkill-and-handover":
             leader = await leader_of(env)
             assert leader, "no leader before the outage"
             env.controllers[leader].signal(signal.SIGKILL)
             standby = next(identity for identity in env.controllers if identity != leader)
-            await eventually(lambda: _is_leader(env, standby), timeout=20, interval=0.1,
+            await eventually(lambda: _is_leader(env, standby), timeout=LEASE_TTL + 15, interval=0.1,
                              what=f"{standby} to take over during the outage")
-        await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))  # the outage itself
+        await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - down_since)))  # the outage itself
 
-        answered = asyncio.create_task(first_answer(cluster))
-        restart = asyncio.create_task(asyncio.to_thread(cluster.restart_apiserver))
-        back = await asyncio.wait_for(answered, 90)
+        # The deletion must land while the controllers' watches are still away (the issue's case:
+        # Kopf was still backing off), whatever their retry phase: hold them until it has.
+        running = [proc for proc in env.controllers.values() if proc.alive()]
+        for proc in running:
+            proc.signal(signal.SIGSTOP)
+        try:
+            answered = asyncio.create_task(first_answer(cluster))
+            deleted = asyncio.create_task(delete_when_answering(cluster, bed.ns, "api-from-c1"))
+            restart = asyncio.create_task(asyncio.to_thread(cluster.restart_apiserver))
+            deleted_at = await asyncio.wait_for(deleted, 90)
+        finally:
+            for proc in running:
+                proc.signal(signal.SIGCONT)
+        back = min(deleted_at, await asyncio.wait_for(answered, 90))
         changes_started = time.monotonic()
         marks = await make_changes(bed)
         changes_made = time.monotonic()
+        await eventually(lambda: model_agrees(bed), timeout=30, interval=0.05, what="the committed etcd model")
         await env.wait_enforced(marks, timeout=30)  # committed, applied by every agent, all statuses Enforced
         await eventually(lambda: status_gone(env, f"{bed.ns}.api-from-c1"), timeout=30, interval=0.05,
                          what="the deleted policy's ClusterPolicyStatus to go")
-        assert await model_agrees(bed)
         statuses_done = time.monotonic()
         probed = await eventually(lambda: probes_agree(bed), timeout=30, interval=0.05,
                                   what="probes showing every new verdict")
@@ -310,13 +374,19 @@ async def test_changes_after_an_api_server_outage_are_enforced_within_5s(bed: Be
         await eventually(lambda: _probed(probes, 3, after), what="probes after the recovery")
 
     enforced = max(statuses_done, probed) - back
-    log.warning("API server %s for %.1fs (stopping took %.1fs); after its first answer: changes made in "
-                "%.2fs (from %.2fs), etcd/agents/statuses agree at %.2fs, probes at %.2fs",
-                fault, back - stopped, stopped - down_since, changes_made - back, changes_started - back,
-                statuses_done - back, probed - back)
+    # The deletion reached the controller only through its own listing after Kopf's re-list.
+    relisted = [line for proc in env.controllers.values()
+                for line in proc.log_path.read_text(errors="replace").splitlines()
+                if "gone without a delete event" in line]
+    log.warning("API server %s: away %.1fs (exited after %.1fs); after its first answer: policy deleted at "
+                "%.2fs, other changes made in %.2fs (from %.2fs), etcd/agents/statuses agree at %.2fs, probes "
+                "at %.2fs; %d listings removed objects whose deletion events were lost",
+                fault, back - down_since, stopped - down_since, deleted_at - back, changes_made - back,
+                changes_started - back, statuses_done - back, probed - back, len(relisted))
     tally = probes.snapshot()
     assert tally.denied_connected == [] and tally.allowed_failed == [], tally
     assert tally.allowed_ok > 100 and tally.denied_blocked > 100, tally
+    assert any(f"{bed.ns}/api-from-c1" in line for line in relisted), relisted
     # Every verdict the changes did not touch still holds; the deleted pods are unreachable anyway.
     assert await asyncio.to_thread(bed.reaches, "c1", False)
     assert enforced <= BUDGET, f"changes enforced {enforced:.2f}s after the API server answered"

@@ -106,7 +106,7 @@ async def phase_of(env: NetfenceEnv, name: str, phase: str, generation: int | No
     status = (await cps(env, name)).get("status") or {}
     if status.get("phase") != phase:
         return None
-    if generation is not None and status.get("observedGeneration") != generation:
+    if generation is not None and status.get("policyGeneration") != generation:
         return None
     return status
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import itertools
+from collections.abc import AsyncIterator, Iterable, Sized
 
 import pytest
 
@@ -110,3 +111,13 @@ def test_unknown_kind_is_refused() -> None:
 
     with pytest.raises(ValueError):
         KindRelister(job, ("pods",)).request("secrets", "x")
+
+
+def test_kopf_backoffs_are_short_endless_and_reiterable() -> None:
+    from netfence.controller.handlers import RetryBackoffs
+
+    backoffs = RetryBackoffs()
+    first = list(itertools.islice(backoffs, 100))
+    assert first[:3] == [0.25, 0.5, 1.0] and max(first) == 1.0 and len(first) == 100  # never exhausted
+    assert list(itertools.islice(backoffs, 3)) == first[:3]  # Kopf iterates it afresh for every request
+    assert isinstance(backoffs, Iterable) and not isinstance(backoffs, Sized)

@@ -249,7 +249,7 @@ def test_merge_result_names_removed_objects_and_stale_listings_are_ignored() -> 
     tracker.apply("networkpolicies", "ADDED", policy("stays", 4))
     result = tracker.merge_listing("networkpolicies", [policy("stays", 4)], 8)
     assert result.removed == (("a", "gone"),) and result.changed and result.applied == 0
-    assert tracker.observed["networkpolicies"] == 8  # clients waiting for rv <= 8 are served
+    assert tracker.observed["networkpolicies"] == 4  # the newest object seen (not the list's version)
     # An older listing (merged late) changes nothing, although it still shows "gone".
     older = tracker.merge_listing("networkpolicies", [policy("gone", 3), policy("stays", 4)], 6)
     assert older.stale and not older.changed

@@ -8,6 +8,7 @@ import pytest
 
 from netfence.status.aggregate import (
     MESSAGE_LIMIT,
+    READY_MESSAGE_LIMIT,
     BadKey,
     BadKeyHit,
     NodeReport,
@@ -21,8 +22,9 @@ from netfence.status.aggregate import (
 
 
 def facts(nodes: tuple[str, ...] = ("n1", "n2"), revision: int = 10, endpoints: int = 3,
-          warnings: tuple[str, ...] = (), generation: int = 2) -> PolicyFacts:
-    return PolicyFacts("ns", "pol", generation, frozenset(nodes), endpoints, revision, warnings)
+          warnings: tuple[str, ...] = (), generation: int = 2, object_generation: int = 5) -> PolicyFacts:
+    return PolicyFacts("ns", "pol", generation, frozenset(nodes), endpoints, revision, warnings,
+                       object_generation=object_generation)
 
 
 def reports(*items: tuple[Any, ...]) -> dict[str, NodeReport]:
@@ -65,17 +67,20 @@ def test_phases(case: str, fact: PolicyFacts, reps: dict[str, NodeReport], phase
     assert status["syncedNodes"] == int(synced.split("/", maxsplit=1)[0])
     assert status["endpoints"] == fact.endpoints
     assert status["revision"] == fact.revision
-    assert status["observedGeneration"] == fact.generation
+    # kstatus/Flux/Argo CD: observedGeneration is the status object's own generation
+    assert status["observedGeneration"] == fact.object_generation == 5
+    assert status["policyGeneration"] == fact.generation == 2
     ready, degraded = condition(status, "Ready"), condition(status, "Degraded")
     assert ready["status"] == ("True" if phase == "Enforced" else "False")
     assert ready["reason"] == reason
     assert degraded["status"] == ("True" if phase == "Degraded" else "False")
     assert degraded["reason"] == (reason if phase == "Degraded" else "AsExpected")
-    assert all(c["observedGeneration"] == fact.generation for c in status["conditions"])
+    assert all(c["observedGeneration"] == fact.object_generation for c in status["conditions"])
+    assert len(ready["message"]) <= READY_MESSAGE_LIMIT
     for fragment in fragments:
         assert fragment in ready["message"], (fragment, ready["message"])
     if phase == "Degraded":
-        assert degraded["message"] == ready["message"]
+        assert degraded["message"] == ready["message"]  # short enough to be its own headline
     else:
         assert degraded["message"] == ""
     assert {n["name"] for n in status["nodes"]} == set(fact.required_nodes)
@@ -107,15 +112,18 @@ def test_messages_are_capped() -> None:
     long_error = "x" * 5000
     many = tuple(f"node-{i:03d}" for i in range(40))
     status = compute_status(facts(nodes=many), {n: NodeReport(n, 1, long_error) for n in many})
-    ready = condition(status, "Ready")
+    ready, degraded = condition(status, "Ready"), condition(status, "Degraded")
     assert status["phase"] == "Degraded"
-    assert len(ready["message"]) == MESSAGE_LIMIT and ready["message"].endswith("...")
+    assert len(degraded["message"]) == MESSAGE_LIMIT and degraded["message"].endswith("...")
+    # the Ready message is a headline for `kubectl get -o wide`, pointing at the detail
+    assert len(ready["message"]) <= READY_MESSAGE_LIMIT and ready["message"].endswith(" ... (see Degraded)")
+    assert degraded["message"].startswith(ready["message"].removesuffix(" ... (see Degraded)"))
     assert all(len(n["message"]) <= 256 for n in status["nodes"])
     assert len(status["nodes"]) <= 64
     assert status["requiredNodes"] == 40 and status["synced"] == "0/40"
     # Many missing nodes: a few are named, the rest counted.
     missing = compute_status(facts(nodes=many), {})
-    assert "and 32 more" in condition(missing, "Ready")["message"]
+    assert "and 32 more" in condition(missing, "Degraded")["message"]
     assert "node-000" in condition(missing, "Ready")["message"]
 
 
@@ -228,7 +236,7 @@ def test_report_fields_decode_leniently(body: dict[str, Any], bad: tuple[BadKey,
 
 def with_bad(fact: PolicyFacts, *hits: BadKeyHit) -> PolicyFacts:
     return PolicyFacts(fact.namespace, fact.name, fact.generation, fact.required_nodes, fact.endpoints,
-                       fact.revision, fact.warnings, hits)
+                       fact.revision, fact.warnings, hits, fact.object_generation)
 
 
 def test_bad_key_on_a_required_node_degrades_naming_node_and_key() -> None:
@@ -253,11 +261,12 @@ def test_bad_key_on_a_node_that_need_not_enforce_is_ignored() -> None:
 def test_bad_keys_add_to_other_problems() -> None:
     fact = with_bad(facts(nodes=("a", "b", "c")), BadKeyHit("c", "endpoints/c/ns/web", "not JSON"))
     status = compute_status(fact, reports(("b", 1, "boom"), ("c", 10)))
-    ready = condition(status, "Ready")
+    ready, degraded = condition(status, "Ready"), condition(status, "Degraded")
     assert ready["reason"] == "NodeReportMissing"
-    assert "no agent report from a" in ready["message"]
-    assert "apply failed on b: boom" in ready["message"]
-    assert "bad keys on c: endpoints/c/ns/web (not JSON)" in ready["message"]
+    assert ready["message"].startswith("no agent report from a")
+    assert "no agent report from a" in degraded["message"]
+    assert "apply failed on b: boom" in degraded["message"]
+    assert "bad keys on c: endpoints/c/ns/web (not JSON)" in degraded["message"]
     assert [n["name"] for n in status["nodes"]] == ["a", "b", "c"]
 
 

@@ -76,6 +76,7 @@ def inputs(draw: st.DrawFn) -> tuple[PolicyFacts, dict[str, NodeReport]]:
         revision=draw(big_ints),
         warnings=tuple(draw(st.lists(texts, max_size=100))),  # above the 64 listed
         bad_keys=tuple(hits),
+        object_generation=draw(big_ints),
     )
     return facts, reports
 

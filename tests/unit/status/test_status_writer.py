@@ -14,7 +14,13 @@ import pytest
 from kubernetes_asyncio.client.exceptions import ApiException
 from tests.unit.status.crd_limits import status_schema, violations
 
-from netfence.controller.status_writer import StatusWriter, backoff_delay
+from netfence.controller.status_writer import (
+    BACKOFF_MAX,
+    TRANSIENT_BACKOFF_MAX,
+    StatusWriter,
+    backoff_delay,
+    is_transient,
+)
 from netfence.controller.world import WorldTracker
 from netfence.model.compiler import ModelEngine
 from netfence.status.aggregate import BadKey, NodeReport
@@ -54,28 +60,36 @@ class FakeKube:
         self._call("create", name)
         if name in self.objects:
             return None
-        self.objects[name] = {"metadata": {"name": name, "labels": dict(MANAGED)}, "spec": spec}
-        return self.objects[name]
+        self.objects[name] = {"metadata": {"name": name, "labels": dict(MANAGED), "generation": 1}, "spec": spec}
+        return json.loads(json.dumps(self.objects[name]))  # type: ignore[no-any-return]
 
-    async def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+    def edit_spec(self, name: str, spec: dict[str, Any]) -> None:
+        """A spec change as the API server makes it: metadata.generation moves only when the spec changes."""
+        obj = self.objects[name]
+        if obj.get("spec") != spec:
+            obj["spec"] = json.loads(json.dumps(spec))
+            obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
+
+    async def patch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         self._call("patch_spec", name)
         if name not in self.objects:
             raise api_error(404)
-        self.objects[name]["spec"] = spec
+        self.edit_spec(name, spec)
+        return json.loads(json.dumps(self.objects[name]))  # type: ignore[no-any-return]
 
-    async def patch_status(self, name: str, status: dict[str, Any]) -> bool:
+    async def patch_status(self, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
         self._call("patch_status", name)
         if name in self.hang:
             await asyncio.Event().wait()  # a request that never returns
         if name not in self.objects:
-            return False
+            return None
         problems = violations(status, SCHEMA, ".status")
         if not problems and self.reject_status is not None and (why := self.reject_status(status)):
             problems = [why]
         if problems:
             raise api_error(422, "; ".join(problems))
         self.objects[name]["status"] = json.loads(json.dumps(status))
-        return True
+        return json.loads(json.dumps(self.objects[name]))  # type: ignore[no-any-return]
 
     async def delete_status(self, name: str) -> None:
         self._call("delete", name)
@@ -348,3 +362,85 @@ async def test_the_loop_retries_a_failed_object_without_new_input() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+# --- generations: observedGeneration is the object's own (kstatus, Flux, Argo CD) ----------------
+
+
+def generations(kube: FakeKube, name: str) -> tuple[int, int, int, set[int]]:
+    """(metadata.generation, status.observedGeneration, status.policyGeneration, conditions' generations)."""
+    obj = kube.objects[name]
+    status = obj["status"]
+    return (obj["metadata"]["generation"], status["observedGeneration"], status["policyGeneration"],
+            {c["observedGeneration"] for c in status["conditions"]})
+
+
+async def test_observed_generation_is_the_objects_own_and_the_policys_is_separate() -> None:
+    writer, kube, world = setup("a")
+    await writer.flush()
+    assert generations(kube, "ns.a") == (1, 1, 1, {1})
+    # The policy changes twice: its generation goes to 3, the status object's spec is patched each time.
+    for generation, rv in ((2, 30), (3, 31)):
+        body = policy("ns", "a", rv)
+        body["metadata"]["generation"] = generation
+        world.apply("networkpolicies", "MODIFIED", body)
+        writer.mark_all()
+        await writer.flush()
+    assert kube.objects["ns.a"]["spec"]["generation"] == 3
+    assert generations(kube, "ns.a") == (3, 3, 3, {3})
+    calls = len(kube.calls)
+    writer.mark_all()
+    await writer.flush()
+    assert len(kube.calls) == calls  # in step: nothing to write
+
+
+async def test_a_spec_edited_by_someone_else_is_restored_and_the_status_follows() -> None:
+    writer, kube, world = setup("a")
+    await writer.flush()
+    original = dict(kube.objects["ns.a"]["spec"])
+    kube.edit_spec("ns.a", {**original, "policyRef": "someone/else"})  # generation 2, status still says 1
+    # The next status write (a report arrives) sees generation 2 in the response: spec put back, status again.
+    world.apply("pods", "ADDED", pod("ns", "pa", {"app": "a"}, "node-0", "10.0.0.1", 20))
+    writer.set_report("node-0", NodeReport("node-0", 0))
+    await writer.flush()
+    await writer.flush()
+    assert kube.objects["ns.a"]["spec"] == original
+    assert generations(kube, "ns.a") == (3, 3, 1, {3})
+
+
+async def test_a_listing_brings_the_generation_and_writes_nothing_when_in_step() -> None:
+    writer, kube, _ = setup("a")
+    await writer.flush()
+    kube.objects["ns.a"]["metadata"]["generation"] = 1
+    fresh = Writer(kube, writer.engine, writer.world, {}, lambda: True, interval=0.0)  # type: ignore[arg-type]
+    fresh.clock = Clock()
+    fresh.request_resync()
+    calls = kube.count("patch_status") + kube.count("patch_spec")
+    await fresh.flush()
+    assert kube.count("patch_status") + kube.count("patch_spec") == calls  # a new leader rewrites nothing
+    assert fresh.generations == {"ns.a": 1}
+    # An object written by an older controller (observedGeneration = the policy's, 7) is rewritten.
+    kube.objects["ns.a"]["status"]["observedGeneration"] = 7
+    kube.objects["ns.a"]["status"].pop("policyGeneration")
+    fresh.request_resync()
+    await fresh.flush()
+    assert generations(kube, "ns.a") == (1, 1, 1, {1})
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (ApiException(status=503, reason="Service Unavailable"), True),
+        (ApiException(status=429, reason="Too Many Requests"), True),
+        (ApiException(status=500, reason="Internal Server Error"), True),
+        (ApiException(status=422, reason="Unprocessable Entity"), False),
+        (ApiException(status=403, reason="Forbidden"), False),
+        (ConnectionRefusedError(111, "refused"), True),
+        (TimeoutError(), True),
+        (ValueError("bad"), False),
+    ],
+)
+def test_unreachable_api_server_is_retried_within_a_second(exc: BaseException, transient: bool) -> None:
+    assert is_transient(exc) is transient
+    cap = TRANSIENT_BACKOFF_MAX if transient else BACKOFF_MAX
+    assert backoff_delay(20, cap=cap) == (1.0 if transient else 30.0)

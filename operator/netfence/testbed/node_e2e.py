@@ -1,0 +1,362 @@
+"""``make node-e2e``: install, enforce, upgrade, roll back and uninstall the Helm chart on a real node.
+
+Expects ``hack/setup-node.sh`` and ``hack/node-images.sh`` to have run (the make
+target runs both). Brings the node up (testbed/node.py), runs the checks,
+prints a report and ``N passed, N failed``, takes the node down, and exits 1
+if a check failed.
+
+Workloads: server pods (TCP 8080 and UDP 8081 answer "ok") and client pods in
+namespaces nf-a, nf-b, nf-c, all from the controller image (Python, no other
+image needed). Probes are real connections from inside the pods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from netfence.cli import out
+from netfence.testbed.node import LocalNode, NodeError, default_dir, down, ensure_node_tools
+from netfence.testbed.tools import ensure_tools, find_repo_root
+
+log = logging.getLogger(__name__)
+
+RELEASE = "netfence"
+NAMESPACE = "netfence-system"
+IMAGE_REPO = "ghcr.io/netfence/netfence-{target}"
+
+SERVER = """
+import socket, threading
+def udp():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("", 8081))
+    while True:
+        d, a = u.recvfrom(64); u.sendto(b"ok", a)
+threading.Thread(target=udp, daemon=True).start()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", 8080)); s.listen(128)
+while True:
+    c, _ = s.accept(); c.sendall(b"ok"); c.close()
+"""
+
+# argv: ip port proto -> prints allow/deny
+PROBE = """
+import socket, sys
+ip, port, proto = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def probe():
+    try:
+        if proto == "tcp":
+            with socket.create_connection((ip, port), timeout=0.5) as c:
+                return c.recv(2) == b"ok"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.settimeout(0.5); u.sendto(b"x", (ip, port)); return u.recv(2) == b"ok"
+    except OSError:
+        return False
+out("allow" if probe() else "deny")
+"""
+
+# env TARGETS="name=ip:port/proto,..."; every 100 ms one probe per target, one JSON line each
+PROBER = """
+import json, os, socket, sys, threading, time
+targets = [t.split("=") for t in os.environ["TARGETS"].split(",") if t]
+def probe(ip, port, proto):
+    try:
+        if proto == "tcp":
+            with socket.create_connection((ip, int(port)), timeout=0.3) as c:
+                return c.recv(2) == b"ok"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.settimeout(0.3); u.sendto(b"x", (ip, int(port))); return u.recv(2) == b"ok"
+    except OSError:
+        return False
+def one(name, spec):
+    hostport, proto = spec.split("/"); ip, port = hostport.split(":")
+    ok = probe(ip, port, proto)
+    out(json.dumps({"t": time.time(), "target": name, "allow": ok}))
+while True:
+    start = time.monotonic()
+    ts = [threading.Thread(target=one, args=t) for t in targets]
+    [t.start() for t in ts]; [t.join() for t in ts]
+    time.sleep(max(0.0, 0.1 - (time.monotonic() - start)))
+"""
+
+
+@dataclass
+class Report:
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    facts: dict[str, str] = field(default_factory=dict)
+
+    def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append((name, ok, detail))
+        out(f"{'PASS' if ok else 'FAIL'}  {name}{('  (' + detail + ')') if detail else ''}")
+        return ok
+
+    def run(self, name: str, func: Callable[[], str]) -> bool:
+        start = time.monotonic()
+        try:
+            detail = func()
+        except Exception as exc:  # a failed step is a failed check, the run goes on
+            return self.check(name, False, f"{type(exc).__name__}: {str(exc).strip()[-600:]}")
+        return self.check(name, True, f"{detail}, {time.monotonic() - start:.1f}s" if detail
+                          else f"{time.monotonic() - start:.1f}s")
+
+    def summary(self) -> str:
+        passed = sum(1 for _, ok, _ in self.checks if ok)
+        return f"{passed} passed, {len(self.checks) - passed} failed"
+
+
+def pod(name: str, ns: str, labels: dict[str, str], image: str, script: str,
+        env: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main", "image": image, "imagePullPolicy": "Never",
+                "command": ["python", "-c", script],
+                "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
+            }],
+        },
+    }
+
+
+POLICIES: list[dict[str, Any]] = [
+    {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+     "metadata": {"name": "default-deny", "namespace": "nf-b"},
+     "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}},
+    {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+     "metadata": {"name": "allow-clients-of-a", "namespace": "nf-b"},
+     "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"],
+              "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "nf-a"}},
+                                     "podSelector": {"matchLabels": {"role": "client"}}}],
+                           "ports": [{"protocol": "TCP", "port": 8080}]}]}},
+]
+MID_ROLLOUT_POLICY: dict[str, Any] = {
+    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+    "metadata": {"name": "only-own-namespace", "namespace": "nf-a"},
+    "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"],
+             "ingress": [{"from": [{"podSelector": {}}]}]},
+}
+
+
+class E2E:
+    def __init__(self, node: LocalNode, chart: Path, tags: tuple[str, str], report: Report):
+        self.node = node
+        self.chart = chart
+        self.tags = tags
+        self.report = report
+        self.ips: dict[str, str] = {}
+
+    def k(self, *args: str, input: str | None = None, timeout: float = 180) -> str:
+        return self.node.kubectl(*args, input=input, timeout=timeout).stdout
+
+    def helm(self, *args: str, timeout: float = 600) -> str:
+        import subprocess
+
+        res = subprocess.run([str(self.node.tools.helm), *args], capture_output=True, text=True,
+                             env=self.node.cluster.env(), timeout=timeout, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"helm {' '.join(args)} exited {res.returncode}: {res.stderr.strip()}")
+        return res.stdout
+
+    def values(self, tag: str) -> list[str]:
+        return [
+            "--set", f"controller.image.tag={tag}", "--set", f"agent.image.tag={tag}",
+            "--set", "controller.image.pullPolicy=Never", "--set", "agent.image.pullPolicy=Never",
+            "--set", "etcd.image.pullPolicy=Never",
+            # one node, no storage provisioner: the bundled etcd keeps its data in an emptyDir
+            "--set", "etcd.persistence.enabled=false",
+        ]
+
+    # -- steps ---------------------------------------------------------------------------------
+    def install(self) -> str:
+        self.helm("install", RELEASE, str(self.chart), "-n", NAMESPACE, "--create-namespace",
+                  *self.values(self.tags[0]), "--wait", "--timeout", "10m")
+        return "helm install --wait"
+
+    def pods_ready(self) -> str:
+        pods = json.loads(self.k("-n", NAMESPACE, "get", "pods", "-o", "json"))["items"]
+        not_ready = [p["metadata"]["name"] for p in pods
+                     if not any(c["type"] == "Ready" and c["status"] == "True"
+                                for c in p["status"].get("conditions", []))]
+        if not_ready:
+            raise RuntimeError(f"not Ready: {not_ready}")
+        return f"{len(pods)} pods Ready: " + ", ".join(sorted(p["metadata"]["name"] for p in pods))
+
+    def workloads(self) -> str:
+        image = f"{IMAGE_REPO.format(target='controller')}:{self.tags[0]}"
+        docs: list[dict[str, Any]] = [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in ("nf-a", "nf-b", "nf-c")
+        ]
+        for ns in ("nf-a", "nf-b"):
+            docs.append(pod("server", ns, {"app": "server"}, image, SERVER))
+        for ns in ("nf-a", "nf-c"):
+            docs.append(pod("client", ns, {"role": "client"}, image, "import time\nwhile True: time.sleep(3600)"))
+        self.k("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+        for ns, name in (("nf-a", "server"), ("nf-b", "server"), ("nf-a", "client"), ("nf-c", "client")):
+            self.k("-n", ns, "wait", "--for=condition=Ready", f"pod/{name}", "--timeout=180s", timeout=200)
+            self.ips[f"{ns}/{name}"] = self.k("-n", ns, "get", "pod", name, "-o", "jsonpath={.status.podIP}")
+        return ", ".join(f"{k}={v}" for k, v in self.ips.items())
+
+    def probe(self, src: str, dst: str, port: int, proto: str) -> str:
+        ns, name = src.split("/")
+        return self.k("-n", ns, "exec", name, "--", "python", "-c", PROBE, self.ips[dst], str(port), proto,
+                      timeout=30).strip()
+
+    def expect(self, cases: list[tuple[str, str, int, str, str]]) -> str:
+        wrong = []
+        for src, dst, port, proto, want in cases:
+            got = self.probe(src, dst, port, proto)
+            if got != want:
+                wrong.append(f"{src}->{dst}:{port}/{proto} {got}, want {want}")
+        if wrong:
+            raise RuntimeError("; ".join(wrong))
+        return f"{len(cases)} probes as expected"
+
+    def policies(self) -> str:
+        self.k("apply", "-f", "-", input=yaml.safe_dump_all(POLICIES))
+        return self.wait_enforced(len(POLICIES))
+
+    def wait_enforced(self, count: int, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        phases: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            items = json.loads(self.k("get", "clusterpolicystatuses", "-o", "json"))["items"]
+            phases = {i["metadata"]["name"]: (i.get("status") or {}).get("phase", "") for i in items}
+            if len(phases) >= count and all(p == "Enforced" for p in phases.values()):
+                return f"{len(phases)} Enforced"
+            time.sleep(1)
+        raise RuntimeError(f"policy statuses not all Enforced: {phases}")
+
+    def enforcement_cases(self, mid: bool) -> list[tuple[str, str, int, str, str]]:
+        return [
+            ("nf-a/client", "nf-b/server", 8080, "tcp", "allow"),
+            ("nf-a/client", "nf-b/server", 8081, "udp", "deny"),
+            ("nf-c/client", "nf-b/server", 8080, "tcp", "deny"),
+            ("nf-a/client", "nf-a/server", 8081, "udp", "allow"),
+            ("nf-c/client", "nf-a/server", 8080, "tcp", "deny" if mid else "allow"),
+            ("nf-b/server", "nf-a/server", 8080, "tcp", "deny" if mid else "allow"),
+        ]
+
+    def start_probers(self) -> str:
+        image = f"{IMAGE_REPO.format(target='controller')}:{self.tags[0]}"
+        b = self.ips["nf-b/server"]
+        docs = [
+            pod("prober", "nf-a", {"role": "client"}, image, PROBER,
+                {"TARGETS": f"b-tcp={b}:8080/tcp,b-udp={b}:8081/udp,a-udp={self.ips['nf-a/server']}:8081/udp"}),
+            pod("prober", "nf-c", {"role": "client"}, image, PROBER, {"TARGETS": f"b-tcp={b}:8080/tcp"}),
+        ]
+        self.k("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+        for ns in ("nf-a", "nf-c"):
+            self.k("-n", ns, "wait", "--for=condition=Ready", "pod/prober", "--timeout=120s", timeout=150)
+        return "2 probers"
+
+    def prober_results(self, since: float) -> tuple[int, int]:
+        want = {("nf-a", "b-tcp"): True, ("nf-a", "b-udp"): False, ("nf-a", "a-udp"): True,
+                ("nf-c", "b-tcp"): False}
+        total = wrong = 0
+        for ns in ("nf-a", "nf-c"):
+            for line in self.k("-n", ns, "logs", "prober").splitlines():
+                with_t = json.loads(line)
+                if with_t["t"] < since:
+                    continue
+                total += 1
+                if want[(ns, with_t["target"])] != with_t["allow"]:
+                    wrong += 1
+        return total, wrong
+
+    def rollout(self, action: list[str], what: str) -> str:
+        since = time.time()
+        self.helm(*action)
+        # the policy change in the middle of the rollout
+        self.k("apply", "-f", "-", input=yaml.safe_dump(MID_ROLLOUT_POLICY))
+        self.k("-n", NAMESPACE, "rollout", "status", f"daemonset/{RELEASE}-agent", "--timeout=300s", timeout=320)
+        self.k("-n", NAMESPACE, "rollout", "status", f"deployment/{RELEASE}-controller", "--timeout=300s",
+               timeout=320)
+        time.sleep(1)  # let the probers' last round land in their logs
+        total, wrong = self.prober_results(since)
+        self.report.facts[f"{what} probes"] = f"{total} checked, {wrong} wrong"
+        if total == 0 or wrong:
+            raise RuntimeError(f"{total} probes, {wrong} wrong")
+        self.wait_enforced(len(POLICIES) + 1)
+        self.expect(self.enforcement_cases(mid=True))
+        self.k("delete", "-f", "-", input=yaml.safe_dump(MID_ROLLOUT_POLICY))
+        self.wait_enforced(len(POLICIES))
+        return f"{total} probes, 0 wrong; mid-rollout policy enforced after it"
+
+    def uninstall(self) -> str:
+        self.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout", "5m")
+        crd = self.node.kubectl("get", "crd", "clusterpolicystatuses.netfence.dev", check=False)
+        if crd.returncode != 0:
+            raise RuntimeError("the ClusterPolicyStatus CRD is gone after helm uninstall")
+        still = self.probe("nf-c/client", "nf-b/server", 8080, "tcp")
+        self.report.facts["after uninstall nf-c -> nf-b:8080"] = still
+        return f"CRD kept; a denied pair is '{still}' after uninstall"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="node-e2e")
+    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--tags", default="0.1.0,0.1.0-b", help="install tag, upgrade tag")
+    parser.add_argument("--keep", action="store_true", help="leave the node up at the end")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    workdir = (args.dir or default_dir()).resolve()
+    root = find_repo_root()
+    if root is None:
+        log.error("node-e2e runs from a Netfence checkout")
+        return 2
+    tags = tuple(args.tags.split(","))
+    report = Report()
+    down(workdir)
+    node = LocalNode(workdir, ensure_tools(), ensure_node_tools())
+    start = time.monotonic()
+    try:
+        try:
+            node.up()
+            report.check("node up: Node Ready, CoreDNS ready", True, f"{time.monotonic() - start:.0f}s")
+        except NodeError as exc:
+            report.check("node up", False, str(exc)[-800:])
+            raise
+        e2e = E2E(node, root / "helm" / "netfence", (tags[0], tags[1]), report)
+        t0 = time.monotonic()
+        if report.run("helm install (bundled etcd)", e2e.install):
+            report.facts["install time"] = f"{time.monotonic() - t0:.0f}s"
+        report.run("all release pods Running/Ready", e2e.pods_ready)
+        report.run("test workloads Ready", e2e.workloads)
+        report.run("connectivity before policies", lambda: e2e.expect(
+            [(s, d, p, pr, "allow") for s, d, p, pr, _ in e2e.enforcement_cases(False)]))
+        report.run("policies Enforced (policystatus)", e2e.policies)
+        report.run("real connections match the policies", lambda: e2e.expect(e2e.enforcement_cases(False)))
+        report.run("helm test", lambda: e2e.helm("test", RELEASE, "-n", NAMESPACE, "--timeout", "5m") and "passed")
+        report.run("probers running (every 100 ms)", e2e.start_probers)
+        report.run("helm upgrade rollout: zero wrong probes", lambda: e2e.rollout(
+            ["upgrade", RELEASE, str(e2e.chart), "-n", NAMESPACE, *e2e.values(tags[1])], "upgrade"))
+        report.run("helm rollback rollout: zero wrong probes", lambda: e2e.rollout(
+            ["rollback", RELEASE, "1", "-n", NAMESPACE, "--wait", "--timeout", "5m"], "rollback"))
+        report.run("helm uninstall", e2e.uninstall)
+    except NodeError:
+        pass
+    finally:
+        if not args.keep:
+            for line in down(workdir):
+                log.info("%s", line)
+    out()
+    out("node-e2e report")
+    for key, value in report.facts.items():
+        out(f"  {key}: {value}")
+    out(f"  total time: {time.monotonic() - start:.0f}s")
+    out(report.summary())
+    return 0 if all(ok for _, ok, _ in report.checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
