@@ -357,7 +357,10 @@ class LocalNode:
         self.tools = tools
         self.node_tools = node_tools
         self.state = NodeState(workdir=str(self.workdir))
-        self.cluster = LocalCluster(self.workdir / "cluster", tools, api_address=HOST_IP, node_mode=True)
+        # No CRDs applied by the test bed: the Helm chart installs (and owns) them.
+        (self.workdir / "no-crds").mkdir(parents=True, exist_ok=True)
+        self.cluster = LocalCluster(self.workdir / "cluster", tools, api_address=HOST_IP, node_mode=True,
+                                    crd_dir=self.workdir / "no-crds")
 
     # -- helpers -------------------------------------------------------------------------------
     @property
