@@ -31,6 +31,13 @@ COPY image/build-requirements.lock /tmp/build-requirements.lock
 RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/build-requirements.lock
 COPY pyproject.toml README.md ./
 COPY operator ./operator
+# The version the wheel carries and netfence.__version__ (the agent reports it on
+# its health endpoint and in its node report): the source's unless given, e.g.
+# --build-arg VERSION=0.1.0+c for an image of modified code. Keep the default
+# equal to pyproject.toml's version (as in the base stage below).
+ARG VERSION=0.1.0
+RUN sed -i "s/^__version__ = .*/__version__ = \"${VERSION}\"/" operator/netfence/__init__.py \
+ && sed -i "s/^version = .*/version = \"${VERSION}\"/" pyproject.toml
 RUN python -m build --wheel --no-isolation --outdir /dist
 
 # --- runtime base: the wheel and its dependencies in a virtualenv -------------

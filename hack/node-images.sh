@@ -12,7 +12,11 @@
 #   registry.k8s.io/pause:3.10        pause.c of the pinned k8s.io/kubernetes module
 #   registry.k8s.io/coredns/coredns:v1.15.0   the Go-built CoreDNS
 #
-#   hack/node-images.sh OUTDIR [TAG...]   (default TAG: the chart's appVersion)
+#   hack/node-images.sh OUTDIR [TAG[=VERSION]...]   (default TAG: the chart's appVersion)
+#
+# VERSION (default: the chart's appVersion) is the Dockerfile's VERSION build
+# argument, the version the image's Netfence reports: 0.1.0-c=0.1.0+c builds
+# the same code as a visibly different version.
 #
 # Every image is built once per input: an archive whose inputs did not change
 # is kept. podman is used for building only (`podman run` fails on this kind
@@ -22,7 +26,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 die() { echo "netfence: $*" >&2; exit 1; }
 
-out=${1:?usage: hack/node-images.sh OUTDIR [TAG...]}
+out=${1:?usage: hack/node-images.sh OUTDIR [TAG[=VERSION]...]}
 shift
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
@@ -76,18 +80,20 @@ fi
 
 # -- Netfence: the Dockerfile, controller and agent targets ---------------------
 src_hash="$(cd "$root" && { cat Dockerfile; find image operator pyproject.toml README.md -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum; podman image inspect --format '{{.Id}}' "$base"; } | sha256sum | cut -c1-16)"
-for tag in "${tags[@]}"; do
+for spec in "${tags[@]}"; do
+  tag=${spec%%=*}; version=$app_version
+  [[ $spec == *=* ]] && version=${spec#*=}
   for target in controller agent; do
     image="ghcr.io/netfence/netfence-$target:$tag"
-    if stamp_ok "netfence-$target-$tag" "$src_hash"; then continue; fi
+    if stamp_ok "netfence-$target-$tag" "$src_hash $version"; then continue; fi
     echo "netfence: building $image" >&2
     # --network=host: the RUN steps install from PyPI and Debian (the
     # registries this machine reaches) without podman's own network set-up.
     (cd "$root" && podman build --quiet --network=host --pull=never \
-       --build-arg "PYTHON_IMAGE=$base" --build-arg "VERSION=$app_version" \
+       --build-arg "PYTHON_IMAGE=$base" --build-arg "VERSION=$version" \
        --target "$target" -t "$image" -f Dockerfile .) >/dev/null \
       || die "podman build of $image failed"
-    save "$image" "netfence-$target-$tag" "$src_hash"
+    save "$image" "netfence-$target-$tag" "$src_hash $version"
   done
 done
 

@@ -12,9 +12,12 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from netfence.cli import CliError, Subcommands, UsageError, add_command, out
+
+if TYPE_CHECKING:
+    from netfence.explain.gather import Target
 
 PROTOCOL_CHOICES = ("TCP", "UDP", "SCTP")
 
@@ -47,7 +50,7 @@ def register(sub: Subcommands) -> None:
     cmd.add_argument("--no-counters", action="store_true", help="do not read live counters from the nodes")
 
 
-def build_target(args: argparse.Namespace) -> Any:
+def build_target(args: argparse.Namespace) -> Target:
     """Where to look, from the flags; with no connection flags, the local test bed (the kept demo)."""
     from netfence.cli_options import etcd_settings, local_beds, split_endpoints
     from netfence.explain.gather import Target, parse_mapping
@@ -55,7 +58,6 @@ def build_target(args: argparse.Namespace) -> Any:
     endpoints = split_endpoints(args.etcd_endpoints)
     kubeconfig = Path(args.kubeconfig) if args.kubeconfig else None
     netns: dict[str, str] = {}
-    origin = "the given flags"
     if not endpoints:
         if kubeconfig is not None:
             raise CliError("--kubeconfig given without --etcd-endpoints; pass both (explain reads the committed "
@@ -65,14 +67,14 @@ def build_target(args: argparse.Namespace) -> Any:
             raise CliError("no cluster to ask; pass --etcd-endpoints HOST:PORT and --kubeconfig (as for "
                            "netfence status), or start the demo with: netfence demo --keep")
         bed = beds[0]
-        endpoints, kubeconfig, netns, origin = [bed.etcd_endpoint], bed.kubeconfig, dict(bed.node_netns), bed.what
+        endpoints, kubeconfig, netns = [bed.etcd_endpoint], bed.kubeconfig, dict(bed.node_netns)
     try:
         netns.update(parse_mapping(args.node_netns, "--node-netns"))
         agents = parse_mapping(args.agent_url, "--agent-url")
     except Exception as exc:
         raise UsageError(str(exc)) from None
     return Target(etcd=etcd_settings(args, endpoints), kubeconfig=kubeconfig, node_netns=netns,
-                  agent_urls=agents, agent_port=args.agent_port, counters=not args.no_counters, origin=origin)
+                  agent_urls=agents, agent_port=args.agent_port, counters=not args.no_counters)
 
 
 def explain_command(args: argparse.Namespace) -> int:

@@ -43,6 +43,13 @@ def _check_port(port: int, what: str) -> None:
         raise ConfigError(f"{what} {port}: expected a port number (1-65535)")
 
 
+def _check_metrics(port: int, health_port: int) -> None:
+    if not 0 <= port < 65536:
+        raise ConfigError(f"metrics port {port}: expected a port number (1-65535), or 0 for no metrics")
+    if port and port == health_port:
+        raise ConfigError(f"metrics port {port}: must differ from the health port")
+
+
 def _check_logging(level: str, fmt: str) -> None:
     if level not in LOG_LEVELS:
         raise ConfigError(f"log level {level!r}: expected one of {', '.join(LOG_LEVELS)}")
@@ -58,8 +65,12 @@ class ControllerConfig:
     lease_ttl: int = 5
     coalesce_seconds: float = 0.02
     status_interval: float = 0.2
+    status_concurrency: int = 16  # ClusterPolicyStatus objects written at once
+    baseline_status: bool = False  # benchmarks only: every node report re-evaluates every policy (pre-issue 11)
     reconcile_seconds: float = 60.0
     health_port: int = 8080
+    metrics_port: int = 0  # Prometheus /metrics (docs/metrics.md); 0: not served
+    metrics_host: str = ""  # empty: every address (IPv4 and IPv6)
     log_level: str = "INFO"
     log_format: str = "text"
     target_schema: int = 1  # etcd layout schema to migrate to once every agent reads it
@@ -75,9 +86,12 @@ class ControllerConfig:
             raise ConfigError("coalesce window must not be negative")
         if self.status_interval <= 0:
             raise ConfigError("status interval must be positive")
+        if not 1 <= self.status_concurrency <= 1024:
+            raise ConfigError(f"status concurrency {self.status_concurrency}: expected 1-1024")
         if self.reconcile_seconds <= 0:
             raise ConfigError("reconcile period must be positive")
         _check_port(self.health_port, "health port")
+        _check_metrics(self.metrics_port, self.health_port)
         _check_logging(self.log_level, self.log_format)
 
 
@@ -91,6 +105,8 @@ class AgentConfig:
     report_ttl: int = 10
     health_port: int = 9099
     health_host: str = "127.0.0.1"
+    metrics_port: int = 0  # Prometheus /metrics (docs/metrics.md); 0: not served
+    metrics_host: str = ""  # empty: every address (IPv4 and IPv6)
     log_level: str = "INFO"
     log_format: str = "text"
     max_schema: int = 2  # newest etcd layout schema this agent reads (1 behaves like agents before schema 2)
@@ -106,6 +122,7 @@ class AgentConfig:
         if self.report_ttl < 2:
             raise ConfigError(f"report TTL {self.report_ttl}: must be at least 2 seconds")
         _check_port(self.health_port, "health port")
+        _check_metrics(self.metrics_port, self.health_port)
         _check_logging(self.log_level, self.log_format)
         try:
             Features().without(self.disable_features)
@@ -147,12 +164,29 @@ def _number(args: argparse.Namespace, flag: str, kind: Callable[[str], N]) -> N:
         raise ConfigError(f"{flag}: expected {noun}, got {raw!r}") from None
 
 
+def _boolean(args: argparse.Namespace, flag: str) -> bool:
+    raw = str(getattr(args, flag.lstrip("-").replace("-", "_"))).strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{flag}: expected true or false, got {raw!r}")
+
+
 def _add_etcd(options: _Options) -> None:
     options.add("--etcd-endpoints", "ETCD_ENDPOINTS", "127.0.0.1:2379", "comma-separated host:port list")
     options.add("--etcd-prefix", "ETCD_PREFIX", "/netfence/v1/", "key prefix of Netfence's data")
     options.add("--etcd-ca", "ETCD_CA", None, "CA certificate of etcd's server certificate (enables TLS)")
     options.add("--etcd-cert", "ETCD_CERT", None, "client certificate")
     options.add("--etcd-key", "ETCD_KEY", None, "client certificate's key")
+    options.add("--etcd-cert-reload-seconds", "ETCD_CERT_RELOAD_SECONDS", "30",
+                "period of re-reading the TLS files (renewed ones are used without a restart)")
+
+
+def _add_metrics(options: _Options) -> None:
+    options.add("--metrics-port", "METRICS_PORT", "0",
+                "port of Prometheus /metrics (docs/metrics.md); 0: no metrics server")
+    options.add("--metrics-host", "METRICS_HOST", "", "address of /metrics (default: every address)")
 
 
 def _add_logging(options: _Options) -> None:
@@ -170,6 +204,7 @@ def _etcd(args: argparse.Namespace) -> EtcdSettings:
         ca_file=path(args.etcd_ca),
         cert_file=path(args.etcd_cert),
         key_file=path(args.etcd_key),
+        cert_reload_interval=_number(args, "--etcd-cert-reload-seconds", float),
     )
     for flag, file in (("--etcd-ca", settings.ca_file), ("--etcd-cert", settings.cert_file),
                        ("--etcd-key", settings.key_file)):
@@ -190,12 +225,18 @@ def controller_parser(env: Mapping[str, str] | None = None) -> argparse.Argument
     opt.add("--lease-ttl", "LEASE_TTL", "5", "TTL in seconds of the leader lease")
     opt.add("--coalesce-ms", "COALESCE_MS", "20", "changes arriving within this window are written together")
     opt.add("--status-interval-ms", "STATUS_INTERVAL_MS", "200", "period of ClusterPolicyStatus updates")
+    opt.add("--status-concurrency", "STATUS_CONCURRENCY", "16",
+            "ClusterPolicyStatus objects created or patched at once (each object still on its own)")
+    opt.add("--baseline-status", "BASELINE_STATUS", "false",
+            "benchmarks only: re-evaluate every policy's status on every node report change, "
+            "as before the per-node sync index (true/false)")
     opt.add("--reconcile-seconds", "RECONCILE_SECONDS", "60",
             "period of the full etcd reconcile that repairs changed or corrupt values")
     opt.add("--health-port", "HEALTH_PORT", "8080", "port of /healthz")
     opt.add("--target-schema", "TARGET_SCHEMA", "1",
             "etcd layout schema to migrate to once every live agent reads it (1: never migrate; "
             "2: chunked peer sets, see docs/design.md)")
+    _add_metrics(opt)
     _add_etcd(opt)
     _add_logging(opt)
     return parser
@@ -213,8 +254,12 @@ def load_controller_config(
         lease_ttl=_number(args, "--lease-ttl", int),
         coalesce_seconds=_number(args, "--coalesce-ms", float) / 1000,
         status_interval=_number(args, "--status-interval-ms", float) / 1000,
+        status_concurrency=_number(args, "--status-concurrency", int),
+        baseline_status=_boolean(args, "--baseline-status"),
         reconcile_seconds=_number(args, "--reconcile-seconds", float),
         health_port=_number(args, "--health-port", int),
+        metrics_port=_number(args, "--metrics-port", int),
+        metrics_host=args.metrics_host or "",
         target_schema=_number(args, "--target-schema", int),
         log_level=str(args.log_level).upper(),
         log_format=args.log_format,
@@ -239,6 +284,7 @@ def agent_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
             "newest etcd layout schema to read and report in schemaSupported (1: as agents before schema 2)")
     opt.add("--disable-features", "DISABLE_FEATURES", "",
             "comma-separated kernel feature ids to treat as missing (e.g. sctp-port-match)")
+    _add_metrics(opt)
     _add_etcd(opt)
     _add_logging(opt)
     return parser
@@ -256,6 +302,8 @@ def load_agent_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         report_ttl=_number(args, "--report-ttl", int),
         health_port=_number(args, "--health-port", int),
         health_host=args.health_host,
+        metrics_port=_number(args, "--metrics-port", int),
+        metrics_host=args.metrics_host or "",
         log_level=str(args.log_level).upper(),
         log_format=args.log_format,
         max_schema=_number(args, "--max-schema", int),

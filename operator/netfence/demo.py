@@ -246,7 +246,8 @@ async def run_demo(out: Out, keep: bool, workdir: Path, style: Style) -> int:
             out(style.bold("The demo keeps running."))
             out(f"  export KUBECONFIG={cluster.kubeconfig}")
             out(f"  {tools.kubectl} get policystatus")
-            out("  netfence explain alice/client myns/frontend --port 443   (or: kubectl netfence explain ...)")
+            where = "" if workdir == (cache_dir() / "demo").resolve() else f" --demo-dir {workdir}"
+            out(f"  netfence explain alice/client myns/frontend --port 443{where}   (or: kubectl netfence explain ...)")
             out(f"  stop it with:  netfence demo --down --dir {workdir}")
             return 0
         env_kept = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,16 @@ from pathlib import Path
 from netfence.demo import PODS
 from netfence.testbed.cluster import read_state
 from netfence.testbed.runs import owner_path, podserver_pids, run_netns
+
+
+def normalised(text: str) -> list[str]:
+    """Lines without what changes from run to run: numbers, the fabric prefix, column widths."""
+    out = []
+    for raw in text.strip().splitlines():
+        line = re.sub(r"network namespace \S+", "network namespace NS", raw)
+        line = re.sub(r"\bN packets?\b", "N packets", re.sub(r"\d+", "N", line))
+        out.append(" ".join(line.split()))
+    return [line for line in out if line]
 
 
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
@@ -25,10 +36,31 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     for name in ("default.web-deny-all", "myns.backend-from-frontend", "myns.frontend-from-bob"):
         line = next(ln for ln in status.splitlines() if name in ln)
         assert "Enforced" in line and "1/1" in line
+    # kubectl get policystatus -o wide: the Ready condition's reason and headline
+    header = status.split("\n", 1)[1].strip().splitlines()[0].split()
+    assert header[-2:] == ["REASON", "MESSAGE"] and "REVISION" not in header
+    assert "AllNodesSynced enforced on 1/1 nodes" in " ".join(status.split())
     # DROP counters rose on the nodes and name the denied endpoint
     drops = out.split("DROP counters that rose", 1)[1]
     assert "packets dropped" in drops
     assert "default/web" in drops
+    # It ends with netfence explain: a denied pair (nearest miss, DROP counter), then an allowed one
+    denied = out.split("==> netfence explain alice/client myns/frontend --port 443", 1)[1].split("==>", 1)[0]
+    allowed = out.split("==> netfence explain bob/client myns/frontend --port 443", 1)[1]
+    assert denied.strip().splitlines()[-1].strip() == "verdict: denied"
+    assert ("nearest miss: policy myns/frontend-from-bob ingress rule 0: namespace alice does not match "
+            "namespaceSelector user=bob") in denied
+    assert "endpoint chain: " in denied and "dropped" in denied
+    assert allowed.strip().splitlines()[-1].strip() == "verdict: allowed"
+    assert ("allowed by policy myns/frontend-from-bob ingress rule 0: peer namespaceSelector user=bob, port TCP 443"
+            in allowed)
+    # The README shows this very output (numbers, ages and the run's namespace prefix aside).
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("```\n$ kubectl get policystatus -o wide\n", 1)[1].split("```", 1)[0]
+    shown_status, shown_explain = example.split("\n$ netfence explain alice/client myns/frontend --port 443\n")
+    after_header = lambda section: section.split("\n", 1)[1]  # noqa: E731 - the rest of the step's header line
+    assert normalised(shown_status) == normalised(after_header(status))
+    assert normalised(shown_explain) == normalised(after_header(denied))
     assert "\033[" not in out, "no colour when stdout is not a terminal"
     assert not (tmp_path / "demo" / "demo.json").exists()
     state = read_state(tmp_path / "demo" / "cluster")

@@ -196,7 +196,7 @@ async def test_denied_pair_names_the_nearest_miss_and_the_drop_counter(env: Netf
     dropped = next(line for line in lines if "endpoint chain:" in line)
     assert dropped.split()[0].startswith("nf-tw-")
     assert int(dropped.split("endpoint chain: ")[1].split()[0]) >= 1, dropped
-    assert "set nf4-p" in text and f"podSelector role=good in namespace {NS} (1 members)" in text
+    assert "set nf4-p" in text and f"podSelector role=good in namespace {NS} (1 member)" in text
     assert "(counters read from network namespace" in text
 
 

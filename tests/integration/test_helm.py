@@ -329,7 +329,8 @@ def test_controller_deployment(helm: Helm) -> None:
     # the process-only /livez on its own port (NETFENCE_LIVENESS_PORT), never etcd's state.
     port = int(flags(ctr["args"])["--health-port"])
     assert ctr["ports"] == [{"name": "health", "containerPort": port, "protocol": "TCP"},
-                            {"name": "liveness", "containerPort": 8081, "protocol": "TCP"}]
+                            {"name": "liveness", "containerPort": 8081, "protocol": "TCP"},
+                            {"name": "metrics", "containerPort": 8082, "protocol": "TCP"}]  # test_helm_metrics.py
     assert ctr["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert ctr["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "liveness"}
     assert {"name": "NETFENCE_LIVENESS_PORT", "value": "8081"} in ctr["env"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -63,3 +64,29 @@ def test_agent_bench_changes_touch_one_key() -> None:
     changed_policy, _ = agent_bench.policy_change(model, key, 1)
     assert set(agent_bench.delta(base, agent_bench.etcd_values(changed_policy))) == {f"policies/{key}"}
     assert agent_bench.delta(base, {}) == dict.fromkeys(base)
+
+
+def test_scale_bench_helpers() -> None:
+    """bench/scale_bench.py's pure parts (the bench itself needs a local cluster and minutes)."""
+    scale, synthetic = _import("scale_bench"), _import("synthetic")
+    sizes = synthetic.Sizes(namespaces=3, pods=30, policies=5, nodes=4)
+    bodies = scale.scale_pod_bodies(sizes)
+    for i, (body, status) in enumerate(bodies):
+        node = i % 4
+        assert body["spec"]["nodeName"] == synthetic.node_name(node)
+        ip = status["status"]["podIP"]
+        assert ipaddress.ip_address(ip) in scale.node_cidr(node)  # its node's CIDR
+    assert len({s["status"]["podIP"] for _, s in bodies}) == 30
+    text = ('# TYPE etcd_debugging_mvcc_events_total counter\netcd_debugging_mvcc_events_total 12\n'
+            'etcd_mvcc_put_total{a="1"} 3\netcd_mvcc_put_total{a="2"} 4\nother_total 9\n')
+    assert scale.parse_counters(text) == {"etcd_debugging_mvcc_events_total": 12.0, "etcd_mvcc_put_total": 7.0}
+    result = scale.RoundResult("new", 100, 10, label_latencies=[0.1, 0.2], label_noop=2, commits=4, events=80,
+                               reports=40, cpu_s=0.4, status_writes=6)
+    summary = result.summary()
+    assert summary["events_per_commit"] == 20 and summary["events_per_agent_per_commit"] == 2
+    assert summary["controller_cpu_per_report_change_s"] == 0.01 and summary["status_writes_per_change"] == 1.5
+    figures = scale.figures([result], "new", 100)
+    assert figures["controller_cpu_per_report_change_s"] == {"100": 0.01}
+    assert {"policy_enforced_p50_s", "label_enforced_p99_s", "events_per_agent_per_commit"} <= figures.keys()
+    assert scale.controller_argv("baseline", type("C", (), {"kubeconfig": "k", "netfence_etcd": type(
+        "E", (), {"endpoint": "e"})()})(), "/p/", "c")[-2:] == ["--baseline-status=true", "--status-concurrency=1"]

@@ -89,3 +89,34 @@ def test_kubectl_plugin_is_the_same_command() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: kubectl netfence explain")
     assert "--etcd-endpoints" in result.stdout and "--protocol" in result.stdout
+
+
+def test_with_no_connection_flags_the_kept_demo_is_asked(tmp_path: Path) -> None:
+    """`netfence demo --keep` leaves demo.json (with the nodes' namespaces) next to its cluster's state."""
+    import json
+    import os
+
+    from netfence.cli_options import local_beds
+    from netfence.testbed.cluster import ClusterState, ProcessRecord, proc_start_time
+
+    demo = tmp_path / "demo"
+    (demo / "cluster").mkdir(parents=True)
+    start = proc_start_time(os.getpid())
+    assert start is not None
+    alive = ProcessRecord("netfence-etcd", os.getpid(), start, "log")  # "running": this very process
+    state = ClusterState(str(demo / "cluster"), str(demo / "cluster" / "admin.kubeconfig"), "", "https://x",
+                         "http://127.0.0.1:23790", "http://127.0.0.1:23791", [alive], os.getpid(), 0.0)
+    (demo / "cluster" / "state.json").write_text(state.to_json())
+    (demo / "demo.json").write_text(json.dumps({"fabric": "nfab12", "nodes": {"node-0": "nfab12-n0"}}))
+    [bed] = local_beds(demo)
+    assert bed.etcd_endpoint == "127.0.0.1:23790"
+    assert bed.kubeconfig == demo / "cluster" / "admin.kubeconfig"
+    assert bed.node_netns == {"node-0": "nfab12-n0"}
+    # demo.json of an earlier version: only the fabric prefix
+    (demo / "demo.json").write_text(json.dumps({"fabric": "nfab12"}))
+    assert local_beds(demo)[0].node_netns == {"node-0": "nfab12-n0", "node-1": "nfab12-n1"}
+    # a demo that is not running any more is not asked
+    dead = ProcessRecord("netfence-etcd", os.getpid(), start + 1, "log")
+    (demo / "cluster" / "state.json").write_text(
+        ClusterState(**{**state.__dict__, "processes": [dead]}).to_json())
+    assert local_beds(demo) == []

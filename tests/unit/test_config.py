@@ -156,7 +156,9 @@ CONTROLLER_ERRORS = [
     (["--log-level=loud"], {}, "log level 'LOUD': expected one of"),
     (["--log-format=xml"], {}, "log format 'xml': expected one of text, json"),
     (["--identity="], {"NETFENCE_IDENTITY": ""}, None),  # empty identity falls back to the host name
-    (["--metrics-port=9090"], {}, "unrecognized arguments: --metrics-port=9090"),
+    (["--metrics-port=70000"], {}, "metrics port 70000: expected a port number (1-65535), or 0 for no metrics"),
+    (["--metrics-port=8080"], {}, "metrics port 8080: must differ from the health port"),
+    ([], {"NETFENCE_METRICS_PORT": "x"}, "--metrics-port: expected an integer, got 'x'"),
 ]
 
 AGENT_ERRORS = [
@@ -220,3 +222,15 @@ def test_programs_print_one_line_and_exit_2(capsys: pytest.CaptureFixture[str],
     assert capsys.readouterr().err == "netfence-agent: node name is required (--node or NETFENCE_NODE)\n"
     assert controller_main.main(["--lease-ttl=x"]) == 2
     assert capsys.readouterr().err == "netfence-controller: --lease-ttl: expected an integer, got 'x'\n"
+
+
+def test_status_writer_settings() -> None:
+    """Bounded concurrent status writes (issue 11) and the benchmarks' baseline switch."""
+    assert (ControllerConfig().status_concurrency, ControllerConfig().baseline_status) == (16, False)
+    config = load_controller_config(["--status-concurrency=4"], env={"NETFENCE_BASELINE_STATUS": "true"})
+    assert (config.status_concurrency, config.baseline_status) == (4, True)
+    assert load_controller_config([], env={"NETFENCE_STATUS_CONCURRENCY": "32"}).status_concurrency == 32
+    with pytest.raises(ConfigError, match=r"^status concurrency 0: expected 1-1024$"):
+        load_controller_config(["--status-concurrency=0"], env={})
+    with pytest.raises(ConfigError, match=r"^--baseline-status: expected true or false, got 'maybe'$"):
+        load_controller_config(["--baseline-status=maybe"], env={})

@@ -1,7 +1,10 @@
 """The agent's main loop: committed etcd state -> rendered rules -> the node's netfilter.
 
 * Reads a consistent snapshot at the last commit marker, then follows the
-  watch, applying only at commit markers (never half a change).
+  watch, applying only at commit markers (never half a change). Commits that
+  arrive while an apply runs are applied together, in order, by the next one
+  (agent/commits.py). The store is known only as an ``AgentStore``
+  (store/protocols.py).
 * Fail-static: nothing is ever flushed on start, stop or error. The first apply
   after start replaces whatever is in the kernel atomically; until then the
   previous rules stay in force.
@@ -24,12 +27,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from netfence import __version__
+from netfence.agent.commits import coalesced
 from netfence.agent.integrity import KeyState, bad_key_entries, report_fields, unenforceable_entries
+from netfence.agent.metrics import AgentMetrics
 from netfence.agent.node_state import NodeState
 from netfence.config import AgentConfig
 from netfence.dataplane.apply import ApplyError, Dataplane
@@ -37,7 +43,7 @@ from netfence.dataplane.pins import PinCache, PinKey, Pinned
 from netfence.dataplane.render import Features, render, unenforceable
 from netfence.store.connection import RETRY_BACKOFF_MAX
 from netfence.store.errors import CompactedError
-from netfence.store.etcd import EtcdStore
+from netfence.store.protocols import AgentStore
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +84,10 @@ class AgentHealth:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, store: EtcdStore, dataplane: Dataplane, features: Features):
+    def __init__(self, config: AgentConfig, store: AgentStore, dataplane: Dataplane, features: Features,
+                 metrics: AgentMetrics | None = None):
         self.config = config
+        self.metrics = metrics if metrics is not None else AgentMetrics()  # /metrics (agent/metrics.py)
         self.store = store
         self.dataplane = dataplane
         self.features = features.without(config.disable_features)
@@ -94,6 +102,7 @@ class Agent:
         self._retry: asyncio.Task[None] | None = None
         self._report_wake = asyncio.Event()
         self._lease_id: int | None = None
+        self.retry_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # the apply retry's wait (tests)
 
     # --- main loop -----------------------------------------------------------
 
@@ -124,13 +133,17 @@ class Agent:
                 await self.apply()
                 backoff = 0.2
                 batches = self.store.follow_commits(self._revision, include=self.state.wants, foreign_batches=True)
-                async for batch in batches:
-                    self.health.etcd_connected = True
-                    self.state.mark_foreign(batch.foreign)  # never applied; reported (and maybe pinned)
-                    if batch.is_commit:
-                        self.state.update(batch.changes)
-                        self._revision = batch.commit_revision
-                    await self.apply()
+                # Commits that arrive while an apply runs are applied together, in order (agent/commits.py).
+                async with contextlib.aclosing(coalesced(batches)) as groups:
+                    async for group in groups:
+                        self.health.etcd_connected = True
+                        for batch in group:
+                            self.state.mark_foreign(batch.foreign)  # never applied; reported (and maybe pinned)
+                            if batch.is_commit:
+                                self.state.update(batch.changes)
+                                self._revision = batch.commit_revision
+                                self.metrics.committed(batch.commit_revision, batch.commit_time)
+                        await self.apply()
                 raise ConnectionError("watch ended")
             except asyncio.CancelledError:
                 raise
@@ -161,6 +174,7 @@ class Agent:
             except ApplyError as exc:
                 self.health.last_error = str(exc)[:1000]
                 log.error("apply of revision %d failed, previous rules stay: %s", revision, exc)
+                self.metrics.apply_failed()
                 self._report_wake.set()
                 self._schedule_retry()
                 return False
@@ -170,6 +184,7 @@ class Agent:
             self.health.rules = result.rules
             self.health.sets = result.sets
             self.health.applies += 1
+            self.metrics.applied(revision, result)
             self._report_wake.set()
             return True
 
@@ -198,7 +213,7 @@ class Agent:
         delay = 0.5
         limit = min(30.0, max(1.0, self.config.resync_seconds))
         while self.health.last_error is not None:
-            await asyncio.sleep(delay)
+            await self.retry_sleep(delay)
             delay = min(delay * 2, limit)
             if await self.apply(full=True):
                 log.info("apply succeeded again at revision %d", self.health.applied_revision)

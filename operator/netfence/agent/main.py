@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from netfence.config import AgentConfig, ConfigError, load_agent_config
@@ -16,6 +16,7 @@ from netfence.store.errors import StoreError
 
 if TYPE_CHECKING:
     from netfence.agent.loop import Agent
+    from netfence.model.enforcement import Endpoint
     from netfence.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -24,18 +25,31 @@ log = logging.getLogger(__name__)
 async def run(config: AgentConfig) -> None:
     from netfence.agent import health
     from netfence.agent.loop import Agent
+    from netfence.agent.metrics import AgentMetrics, save_filter_table
     from netfence.dataplane.apply import Dataplane
     from netfence.dataplane.counters import read_counters
     from netfence.dataplane.runner import SubprocessRunner
+    from netfence.metrics_http import metrics_server
     from netfence.store.etcd import EtcdStore
 
     store = EtcdStore(config.etcd)
     runner = SubprocessRunner(netns=config.netns)
     dataplane = Dataplane(runner, ipv6=config.ipv6)
     features = await asyncio.to_thread(dataplane.detect_features)
-    agent = Agent(config, store, dataplane, features)
-    http = await health.serve(agent.health.as_json, config.health_host, config.health_port,
+    metrics = AgentMetrics()  # a registry of this process's own, served on --metrics-port
+    agent = Agent(config, store, dataplane, features, metrics)
+
+    def local_endpoints() -> Iterable[Endpoint]:
+        return agent.state.endpoints.values()  # looked up at each read
+
+    metrics.bind(agent.health, local_endpoints, lambda family: save_filter_table(runner, family),
+                 dataplane.families)
+    http = await health.serve(lambda: {**agent.health.as_json(), **store.connection.tls_status()},
+                              config.health_host, config.health_port,
                               counters=lambda chains, family: read_counters(runner, chains, family))
+    served = contextlib.AsyncExitStack()
+    await served.enter_async_context(metrics_server(
+        metrics.registry, config.metrics_host, config.metrics_port, before_scrape=metrics.refresh))
     main_task = asyncio.create_task(_connect_and_run(agent, store))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -48,6 +62,7 @@ async def run(config: AgentConfig) -> None:
         log.info("agent stopping; rules stay in force")
     finally:
         await http.cleanup()
+        await served.aclose()
         with contextlib.suppress(Exception):
             await store.close()
 

@@ -17,6 +17,7 @@ import kopf
 
 from netfence.config import ControllerConfig
 from netfence.controller.kube import CPS_GROUP, CPS_PLURAL, CPS_VERSION
+from netfence.controller.metrics import ControllerMetrics
 from netfence.controller.runtime import ControllerRuntime
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,9 @@ def _runtime(memo: Any) -> ControllerRuntime:
     return runtime
 
 
-def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
-    """All handlers of the controller, registered on a fresh registry (no import-time effects)."""
+def build_registry(config: ControllerConfig, metrics: ControllerMetrics | None = None) -> kopf.OperatorRegistry:
+    """All handlers of the controller, registered on a fresh registry (no import-time effects);
+    ``metrics``: where the runtime counts (served by main; default: a registry of its own)."""
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
@@ -93,7 +95,7 @@ def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
         settings.watching.client_timeout = 330
         settings.networking.error_backoffs = RetryBackoffs()
         settings.watching.reconnect_backoff = 0.1  # pause before a re-list after 410 Gone (Kopf's default)
-        memo.runtime = await ControllerRuntime.start(config)
+        memo.runtime = await ControllerRuntime.start(config, metrics)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
@@ -131,6 +133,7 @@ def build_registry(config: ControllerConfig) -> kopf.OperatorRegistry:
         if event_type is None:
             runtime.watch_listed(kind)
         if runtime.world.apply(kind, event_type, dict(body)):
+            runtime.metrics.api_event()
             runtime.syncer.notify()
 
     @kopf.on.event("", "v1", "pods", registry=registry)

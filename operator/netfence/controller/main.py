@@ -20,12 +20,18 @@ async def run(config: ControllerConfig) -> None:
 
     from netfence.controller.handlers import build_registry
     from netfence.controller.health import liveness_server
+    from netfence.controller.metrics import ControllerMetrics
+    from netfence.metrics_http import metrics_server
 
+    metrics = ControllerMetrics()  # a registry of this process's own, served on --metrics-port
     # /livez (NETFENCE_LIVENESS_PORT): alive while the loop answers, whatever etcd does;
     # Kopf's /healthz below runs the probes (etcd) and is the readiness endpoint.
-    async with liveness_server(os.environ):
+    async with (
+        liveness_server(os.environ),
+        metrics_server(metrics.registry, config.metrics_host, config.metrics_port),
+    ):
         await kopf.operator(
-            registry=build_registry(config),
+            registry=build_registry(config, metrics),
             standalone=True,  # leadership is decided in etcd, not by Kopf peering
             clusterwide=True,
             liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",

@@ -11,16 +11,33 @@ from typing import Any
 
 from netfence.config import ControllerConfig
 from netfence.controller.kube import CPS_PLURAL, KubeApi
+from netfence.controller.metrics import ControllerMetrics
 from netfence.controller.relist import KindRelister
 from netfence.controller.status_writer import StatusWriter
 from netfence.controller.syncer import EtcdSyncer
 from netfence.controller.world import KINDS, MergeResult, WorldTracker
 from netfence.model.compiler import ModelEngine
 from netfence.status.aggregate import NodeReport
+from netfence.store.connection import Backoff
 from netfence.store.election import LeaderElection
+from netfence.store.errors import StoreError
 from netfence.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
+
+
+async def _connect_store(store: EtcdStore) -> None:
+    """Connect to etcd, retrying every second at most until it answers (a controller pod
+    started before etcd's Service name resolves or etcd is up starts within about a
+    second of it answering, not after Kopf's 60 s start-up handler retry)."""
+    backoff = Backoff()  # 0.2 s doubling, at most RETRY_BACKOFF_MAX (1 s)
+    while True:
+        try:
+            await store.connect()
+            return
+        except StoreError as exc:
+            log.warning("etcd unavailable at start (%s); retrying", exc)
+            await store.pause(backoff.next())  # ends early once the channel connects
 
 
 @dataclass
@@ -37,6 +54,7 @@ class ControllerRuntime:
     warnings_posted: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     # Listings merged per kind (start-up, watch re-lists, leadership, periodic); for metrics.
     relists: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    metrics: ControllerMetrics = field(default_factory=ControllerMetrics)  # /metrics (controller/metrics.py)
     relister: KindRelister = field(init=False)
 
     def __post_init__(self) -> None:
@@ -45,10 +63,10 @@ class ControllerRuntime:
         self.relister = KindRelister(self._relist_job, (*KINDS, CPS_PLURAL))
 
     @classmethod
-    async def start(cls, config: ControllerConfig) -> ControllerRuntime:
+    async def start(cls, config: ControllerConfig, metrics: ControllerMetrics | None = None) -> ControllerRuntime:
         kube = await KubeApi.connect(config.kubeconfig)
         store = EtcdStore(config.etcd, identity=config.identity)
-        await store.connect()
+        await _connect_store(store)
         engine = ModelEngine()
         world = WorldTracker(engine)
         election = LeaderElection(store, config.identity, ttl=config.lease_ttl)
@@ -62,10 +80,13 @@ class ControllerRuntime:
             target_schema=config.target_schema,
         )
         status = StatusWriter(
-            kube, engine, world, syncer.key_revisions, lambda: election.is_leader, config.status_interval
+            kube, engine, world, syncer.key_revisions, lambda: election.is_leader, config.status_interval,
+            concurrency=config.status_concurrency, mark_all_on_report=config.baseline_status,
         )
         syncer.on_commit.append(status.on_commit)
-        runtime = cls(config, kube, store, engine, world, election, syncer, status)
+        runtime = cls(config, kube, store, engine, world, election, syncer, status,
+                      metrics=metrics if metrics is not None else ControllerMetrics())
+        runtime.metrics.bind(runtime)
         # The world must be complete before this controller may write: list it all first.
         await runtime.full_resync()
         election.on_elected = runtime._on_elected
@@ -82,6 +103,7 @@ class ControllerRuntime:
 
     async def full_resync(self) -> None:
         """List every kind afresh and merge each listing (at start-up: before any write)."""
+        self.metrics.full_relist("startup")
         for kind in KINDS:
             await self.relist(kind)
         self.syncer.notify()
@@ -121,6 +143,8 @@ class ControllerRuntime:
         """Kopf (re)listed ``kind`` after (re)connecting its watch (an event with ``type`` None):
         events may have been missed, deletions in particular, which a re-list does not report.
         Reconcile the kind against a listing of our own (debounced: one per burst)."""
+        if not self.relister.pending(kind):  # the first event of a burst (metrics)
+            self.metrics.watch_restarted(kind)
         self.relister.request(kind, "watch re-listed")
 
     async def _relist_job(self, kind: str) -> None:
@@ -136,6 +160,7 @@ class ControllerRuntime:
         """Backstop: reconcile every kind against a fresh listing now and then."""
         while True:
             await asyncio.sleep(period)
+            self.metrics.full_relist("periodic")
             for kind in KINDS:
                 self.relister.request(kind, "periodic")
 
@@ -143,6 +168,7 @@ class ControllerRuntime:
         log.info("%s is now the leader and writes to etcd", self.config.identity)
         self.syncer.request_reconcile()
         self.status.request_resync()
+        self.metrics.full_relist("elected")
         # A standby's watches may have had gaps nobody acted on: reconcile every kind.
         for kind in KINDS:
             self.relister.request(kind, "elected")

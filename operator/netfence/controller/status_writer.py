@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -48,14 +49,17 @@ from netfence.status.aggregate import (
     with_transition_times,
 )
 from netfence.status.badkeys import bad_key_hits
+from netfence.status.sync_index import ReportChange, SyncIndex, report_change
 
 log = logging.getLogger(__name__)
 
 PolicyKey = tuple[str, str]
+Evaluated = tuple[PolicyFacts, dict[str, Any]]  # a policy's facts and its status (without times)
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 CALL_TIMEOUT = 10.0  # one object's API calls; a hung request must not hold up the others
+CONCURRENCY = 16  # objects written at once (ControllerConfig.status_concurrency)
 
 
 def backoff_delay(attempts: int, first: float = BACKOFF_FIRST, cap: float = BACKOFF_MAX) -> float:
@@ -96,6 +100,8 @@ class StatusWriter:
         interval: float = 0.2,
         resync_seconds: float = 120.0,
         call_timeout: float = CALL_TIMEOUT,
+        concurrency: int = CONCURRENCY,
+        mark_all_on_report: bool = False,
     ):
         self.kube = kube
         self.engine = engine
@@ -105,6 +111,12 @@ class StatusWriter:
         self.interval = interval
         self.resync_seconds = resync_seconds
         self.call_timeout = call_timeout
+        self.concurrency = max(1, concurrency)
+        # Benchmarks only (--baseline-status): every report change re-evaluates every policy,
+        # as before the sync index (issue 11), so before/after figures come from one build.
+        self.mark_all_on_report = mark_all_on_report
+        self.index = SyncIndex()  # per node: policies it must enforce, unsynced ones by revision
+        self.evaluations = 0  # statuses computed (for tests and benchmarks)
         self.reports: dict[str, NodeReport] = {}
         self.written: dict[str, dict[str, Any]] = {}  # name -> status without times
         self.full_status: dict[str, dict[str, Any]] = {}
@@ -112,23 +124,29 @@ class StatusWriter:
         self.generations: dict[str, int] = {}  # name -> the object's metadata.generation, as last seen
         self.failures: dict[str, ObjectFailure] = {}  # object name -> its failures ("" = the listing)
         self.api_writes = 0
+        # Called with every status computed (controller/metrics.py: commit -> enforced).
+        self.on_status: list[Callable[[PolicyFacts, Mapping[str, Any]], None]] = []
         self._last_spec: dict[str, dict[str, Any]] = {}
         self._dirty: set[PolicyKey] = set()
         self._deleting: set[str] = set()  # names whose policy went away (until deleted)
         self._rejections: dict[str, str] = {}  # name -> API error last posted for a rejected status
         self._resync = True
         self._next_resync = 0.0
+        self._check_orphans = True  # compare existing objects with the world in the next pass
         self._wake = asyncio.Event()
 
     # --- inputs ---------------------------------------------------------
 
     def mark_all(self) -> None:
         self._dirty.update(self.world.policies)
+        self._check_orphans = True
         self._wake.set()
 
-    def mark(self, keys: set[PolicyKey]) -> None:
+    def mark(self, keys: Iterable[PolicyKey]) -> None:
+        before = len(self._dirty)
         self._dirty.update(keys)
-        self._wake.set()
+        if len(self._dirty) != before:
+            self._wake.set()
 
     def request_resync(self) -> None:
         """List existing objects again (on becoming leader): recreate missing ones, delete orphans."""
@@ -151,18 +169,30 @@ class StatusWriter:
             self.mark_all()
 
     def set_report(self, node: str, report: NodeReport | None) -> None:
+        """A node's report changed (None: gone). Marks only the policies whose status it can
+        change (status/sync_index.py): those its new applied revision covers, or, when
+        liveness, the error, bad keys or unenforceable rules changed, those the node must
+        enforce. Cost: the policies that flip on that node, not all policies."""
+        old = self.reports.get(node)
         if report is None:
             self.reports.pop(node, None)
         else:
             self.reports[node] = report
-        self.mark_all()
+        if self.mark_all_on_report:
+            self.mark_all()
+            return
+        change = report_change(old, report)
+        covered = self.index.advance(node, None if report is None else report.applied_revision)
+        if change is ReportChange.ALL:
+            self.mark(self.index.required_on(node))
+        self.mark(covered)
 
     def replace_reports(self, reports: dict[str, NodeReport]) -> None:
         """All node reports as read afresh (after a watch failure): reports that
         vanished meanwhile (expired leases) must not linger."""
-        if reports != self.reports:
-            self.reports = dict(reports)
-            self.mark_all()
+        for node in sorted(self.reports.keys() | reports.keys()):
+            if self.reports.get(node) != reports.get(node):
+                self.set_report(node, reports.get(node))
 
     def status_deleted(self, name: str) -> None:
         """Someone deleted a status object: forget it so it is recreated."""
@@ -217,36 +247,62 @@ class StatusWriter:
                 self._wake.set()
 
     async def flush(self) -> None:
-        """One pass: list if due, delete orphans, write every dirty object whose retry is due."""
+        """One pass: list if due, delete orphans, write every dirty object whose retry is due.
+
+        Statuses are computed in the pass; the objects that need an API call (create, spec,
+        a changed status) are written by up to ``concurrency`` writers at once, each object
+        on its own: its failure and backoff are its own."""
         now = self._now()
         if self._resync or now >= self._next_resync:
             await self._resync_objects(now)
         await self._delete_orphans(now)
         dirty, self._dirty = self._dirty, set()
-        hits = bad_key_hits(self.reports, self.engine)
-        for key in sorted(dirty):
-            name = cps_name(*key)
-            meta = self.world.policies.get(key)
-            if meta is None:
-                if name not in self._deleting:
-                    self.failures.pop(name, None)  # nothing left to retry for it
-                continue
-            failure = self.failures.get(name)
-            if failure is not None and failure.due > now:
-                self._dirty.add(key)  # its own backoff; the others go on
-                continue
-            try:
-                await asyncio.wait_for(self._write_one(meta, tuple(hits.get(key, ()))), self.call_timeout)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._dirty.add(key)
-                await self._failed(name, exc, policy_reference(meta.namespace, meta.name, meta.uid))
-            else:
-                self.failures.pop(name, None)
-            # facts() is CPU work (policy warnings); when no status changes nothing above awaits
-            # I/O, so yield: a pass over every policy must not stall the syncer's commits.
-            await asyncio.sleep(0)
+        hits = bad_key_hits(self.reports, self.engine) if dirty else {}
+        async with asyncio.TaskGroup() as group:
+            writers = BoundedTasks(group, self.concurrency)
+            for key in sorted(dirty):
+                name = cps_name(*key)
+                meta = self.world.policies.get(key)
+                if meta is None:
+                    self.index.remove(key)
+                    if name in self.existing:
+                        self._deleting.add(name)  # gone without policies_removed: the next pass deletes it
+                        self._wake.set()
+                    elif name not in self._deleting:
+                        self.failures.pop(name, None)  # nothing left to retry for it
+                    continue
+                failure = self.failures.get(name)
+                if failure is not None and failure.due > now:
+                    self._dirty.add(key)  # its own backoff; the others go on
+                    continue
+                bad_keys = tuple(hits.get(key, ()))
+                # An object that exists with our spec: compute its status here and call the API
+                # only if it changed. Others are created / get their spec first (in the writer).
+                in_step = name in self.existing and self._last_spec.get(name) == status_spec(meta)
+                evaluated = self._evaluate(meta, bad_keys) if in_step else None
+                if evaluated is not None and self.written.get(name) == evaluated[1]:
+                    self.failures.pop(name, None)  # nothing to write
+                else:
+                    await writers.start(functools.partial(self._write_guarded, meta, bad_keys, evaluated))
+                # facts() is CPU work (policy warnings); when no status changes nothing above awaits
+                # I/O, so yield: a pass over many policies must not stall the syncer's commits.
+                await asyncio.sleep(0)
+
+    async def _write_guarded(
+        self, meta: PolicyMeta, bad_keys: tuple[BadKeyHit, ...], evaluated: Evaluated | None
+    ) -> None:
+        """Write one object; its failure is recorded for it alone (retried with its backoff)."""
+        key = (meta.namespace, meta.name)
+        name = cps_name(*key)
+        try:
+            await asyncio.wait_for(self._write_one(meta, bad_keys, evaluated), self.call_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._dirty.add(key)
+            await self._failed(name, exc, policy_reference(meta.namespace, meta.name, meta.uid))
+        else:
+            self.failures.pop(name, None)
 
     async def _resync_objects(self, now: float) -> None:
         """List every ClusterPolicyStatus. A failed listing is retried with backoff but does
@@ -283,23 +339,36 @@ class StatusWriter:
         return {cps_name(ns, name) for ns, name in self.world.policies}
 
     async def _delete_orphans(self, now: float) -> None:
-        """Delete status objects whose policy is not in the world (however it left)."""
+        """Delete status objects whose policy is not in the world (however it left).
+
+        Compares every existing object with the world only after ``mark_all`` (a listing
+        was merged, a resync); otherwise just the names queued for deletion: a pass that
+        deletes nothing costs nothing here."""
+        if not self._check_orphans and not self._deleting:
+            return
         wanted = self._wanted()
+        if self._check_orphans:
+            self._deleting |= self.existing - wanted
+            self._check_orphans = False
         self._deleting -= wanted
-        for name in sorted((self.existing - wanted) | self._deleting):
-            failure = self.failures.get(name)
-            if failure is not None and failure.due > now:
-                continue
-            try:
-                await asyncio.wait_for(self.kube.delete_status(name), self.call_timeout)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._deleting.add(name)
-                await self._failed(name, exc, cps_reference(name))
-                continue
-            self.api_writes += 1
-            self._forget(name)
+        async with asyncio.TaskGroup() as group:
+            writers = BoundedTasks(group, self.concurrency)
+            for name in sorted(self._deleting):
+                failure = self.failures.get(name)
+                if failure is None or failure.due <= now:
+                    await writers.start(functools.partial(self._delete_one, name))
+
+    async def _delete_one(self, name: str) -> None:
+        try:
+            await asyncio.wait_for(self.kube.delete_status(name), self.call_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._deleting.add(name)
+            await self._failed(name, exc, cps_reference(name))
+            return
+        self.api_writes += 1
+        self._forget(name)
 
     def _forget(self, name: str) -> None:
         self.existing.discard(name)
@@ -360,13 +429,23 @@ class StatusWriter:
             object_generation=object_gen,
         )
 
-    async def _write_one(self, meta: PolicyMeta, bad_keys: tuple[BadKeyHit, ...] = ()) -> None:
+    def _evaluate(self, meta: PolicyMeta, bad_keys: tuple[BadKeyHit, ...] = ()) -> Evaluated:
+        """Compute the policy's status (without times); the sync index learns its revision and nodes."""
+        facts = self.facts(meta, bad_keys)
+        status = compute_status(facts, self.reports)
+        self.evaluations += 1
+        self.index.update((meta.namespace, meta.name), facts.revision, facts.required_nodes)
+        for hook in self.on_status:
+            hook(facts, status)
+        return facts, status
+
+    async def _write_one(
+        self, meta: PolicyMeta, bad_keys: tuple[BadKeyHit, ...] = (), evaluated: Evaluated | None = None
+    ) -> None:
+        """Create the object / put our spec back if needed, then write its status if it changed.
+        ``evaluated``: the status as computed by the pass (used unless the object changed here)."""
         name = cps_name(meta.namespace, meta.name)
-        spec = {
-            "policy": {"namespace": meta.namespace, "name": meta.name, "uid": meta.uid},
-            "policyRef": f"{meta.namespace}/{meta.name}",
-            "generation": meta.generation,
-        }
+        spec = status_spec(meta)
         if name not in self.existing:
             created = await self.kube.create_status(name, spec)
             self.api_writes += 1
@@ -376,12 +455,14 @@ class StatusWriter:
             self._last_spec[name] = spec if created is not None else {}  # 409: adopt, and fix its spec
             if created is not None:
                 self.generations[name] = object_generation(created)
+            evaluated = None  # the object's generation is known only now
         if self._last_spec.get(name) != spec:
             patched = await self.kube.patch_spec(name, spec)
             self.api_writes += 1
             self._last_spec[name] = spec
             self.generations[name] = object_generation(patched)
-        status = compute_status(self.facts(meta, bad_keys), self.reports)
+            evaluated = None
+        _facts, status = evaluated if evaluated is not None else self._evaluate(meta, bad_keys)
         if self.written.get(name) == status:
             return
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -416,6 +497,34 @@ class StatusWriter:
             self._last_spec[name] = present.get("spec") or {}
             self._dirty.add((meta.namespace, meta.name))
             self._wake.set()
+
+
+def status_spec(meta: PolicyMeta) -> dict[str, Any]:
+    """The ``spec`` of a policy's ClusterPolicyStatus object."""
+    return {
+        "policy": {"namespace": meta.namespace, "name": meta.name, "uid": meta.uid},
+        "policyRef": f"{meta.namespace}/{meta.name}",
+        "generation": meta.generation,
+    }
+
+
+class BoundedTasks:
+    """Runs jobs as tasks of ``group``, at most ``limit`` at once: :meth:`start` waits for a free
+    slot (so the caller's loop is held back, not the event loop). The group waits for them all."""
+
+    def __init__(self, group: asyncio.TaskGroup, limit: int) -> None:
+        self._group = group
+        self._slots = asyncio.Semaphore(max(1, limit))
+
+    async def start(self, job: Callable[[], Awaitable[None]]) -> None:
+        await self._slots.acquire()
+        self._group.create_task(self._run(job))
+
+    async def _run(self, job: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await job()
+        finally:
+            self._slots.release()
 
 
 def object_generation(obj: Mapping[str, Any] | None) -> int:

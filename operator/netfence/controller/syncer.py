@@ -11,7 +11,7 @@ writes nothing.
 
 Foreign writes: the leader watches its own keys (``policies/``, ``sets/``,
 ``sets2/``, ``endpoints/``, ``meta/``, ``commit``, ``pending``) and knows the
-revision of every transaction it wrote (``EtcdStore.txn_listeners``). An event
+revision of every transaction it wrote (``FencedWriter.txn_listeners``). An event
 at any other revision — someone else's put (valid or corrupt) or deletion —
 triggers a reconcile at once that rewrites exactly those keys (even if the
 stored value equals the desired one, so that its revision becomes the
@@ -22,6 +22,11 @@ the syncer stores them in the layout ``schema`` that the migration gate
 allows (never above ``target_schema``, and only what every live agent
 reads). A change of layout is done by a reconcile in two commits: the new
 layout's keys with ``meta/schema``, then the removal of the old layout's keys.
+
+The syncer knows the store only as a ``SyncerStore`` and the election as a
+``Leadership`` (``store/protocols.py``); a change cut short by a lost fence
+(``NotLeaderError``, earlier transactions left uncommitted) is completed by
+the next leader's reconcile.
 """
 
 from __future__ import annotations
@@ -35,9 +40,7 @@ from typing import Any
 
 from netfence.model.compiler import ModelEngine
 from netfence.store.connection import RETRY_BACKOFF_MAX
-from netfence.store.election import LeaderElection
 from netfence.store.errors import NotLeaderError
-from netfence.store.etcd import EtcdStore
 from netfence.store.layout import CorruptValueError
 from netfence.store.migration import (
     check_schema,
@@ -50,6 +53,7 @@ from netfence.store.migration import (
     required_nodes,
     stored_schema,
 )
+from netfence.store.protocols import Leadership, SyncerStore
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +79,8 @@ class EtcdSyncer:
     def __init__(
         self,
         engine: ModelEngine,
-        store: EtcdStore,
-        election: LeaderElection,
+        store: SyncerStore,
+        election: Leadership,
         observed: Callable[[], Mapping[str, int]],
         coalesce_seconds: float = 0.02,
         reconcile_seconds: float = 60.0,
@@ -289,8 +293,10 @@ class EtcdSyncer:
             log.info("reconcile: %d keys differ from the desired state; writing them", len(changes))
             self._written_observed = observed
             await self._commit(changes)
-        elif foreign.keys() & set(PROTOCOL_KEYS):
-            # Only the commit marker or `pending` was touched: a fresh commit of ours clears both.
+        elif snapshot.pending or foreign.keys() & set(PROTOCOL_KEYS):
+            # Only the commit marker or `pending` was touched, or a change cut short by a lost
+            # fence left `pending` with nothing else to write (it hides every later state from
+            # snapshots): a fresh commit of ours clears both.
             self._written_observed = observed
             await self._commit_marker()
         else:

@@ -57,7 +57,6 @@ class Target:
     agent_urls: Mapping[str, str] = field(default_factory=dict)  # node -> base URL of its agent's health port
     agent_port: int = DEFAULT_AGENT_PORT  # other nodes: http://<InternalIP>:<agent_port>
     counters: bool = True
-    origin: str = ""  # what the settings came from, for error messages
 
 
 # --- arguments -------------------------------------------------------------------------------

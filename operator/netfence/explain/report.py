@@ -94,7 +94,7 @@ def _rules_json(rules: list[RuleCounter] | None) -> list[dict[str, Any]] | None:
     return None if rules is None else [r.to_json() for r in rules]
 
 
-def _chain_summary(role: str, name: str, rules: list[RuleCounter], endpoint_name: str,
+def _chain_summary(role: str, rules: list[RuleCounter], endpoint_name: str,
                    set_names: list[str]) -> dict[str, Any]:
     """Counter figures of one chain (what the text shows)."""
     if role == "dispatch":
@@ -149,7 +149,7 @@ def _direction_json(trace: DirectionTrace, conn: Connection, model: NodeModel, r
         "lastError": (report or {}).get("lastError") or None,
         "chains": [],
         "sets": [],
-        "counters": None if read is None else {"source": read.source, "error": read.error},
+        "counters": None if read is None or not chains_of(trace) else {"source": read.source, "error": read.error},
     }
     endpoint_name = endpoint_chain(trace.direction, trace.endpoint) if trace.endpoint else ""
     set_names = [set_name(family, sid) for sid in trace.set_ids]
@@ -161,7 +161,7 @@ def _direction_json(trace: DirectionTrace, conn: Connection, model: NodeModel, r
         if read is not None and read.counters is not None:
             entry["present"] = rules is not None
         if rules is not None:
-            summary = _chain_summary(role, chain, rules, endpoint_name, set_names)
+            summary = _chain_summary(role, rules, endpoint_name, set_names)
             entry.update({k: v for k, v in summary.items() if k != "rules"})
             entry["rules"] = _rules_json(summary["rules"])
         enforcement["chains"].append(entry)
@@ -240,8 +240,8 @@ def _enforcement_lines(e: Mapping[str, Any]) -> list[str]:
     for chain in e["chains"]:
         lines.append("    " + _chain_text(chain))
     for s in e["sets"]:
-        members = "?" if s["members"] is None else str(s["members"])
-        lines.append(f"    set {s['name']}: {s['selects']} ({members} members)")
+        members = "? members" if s["members"] is None else f"{s['members']} member" + ("s" * (s["members"] != 1))
+        lines.append(f"    set {s['name']}: {s['selects']} ({members})")
     if counters and not counters.get("error"):
         lines.append(f"    (counters read from {counters['source']})")
     return lines
@@ -256,13 +256,17 @@ def _chain_text(chain: Mapping[str, Any]) -> str:
         return f"{name}  {what}: missing from the kernel"
     if "dropped" in chain:
         extra = f", {chain['invalidDropped']} invalid" if chain.get("invalidDropped") else ""
-        return f"{name}  {what}: {chain['dropped']} packets dropped{extra}"
+        return f"{name}  {what}: {_packets(chain['dropped'])} dropped{extra}"
     if "marked" in chain:
         via = f" ({chain['viaSets']} via the sets below)" if "viaSets" in chain else ""
-        return f"{name}  {what}: {chain['marked']} packets allowed{via}"
+        return f"{name}  {what}: {_packets(chain['marked'])} allowed{via}"
     if "packets" in chain:
-        return f"{name}  {what}: {chain['packets']} packets dispatched to the endpoint chain"
+        return f"{name}  {what}: {_packets(chain['packets'])} dispatched to the endpoint chain"
     return f"{name}  {what}"
+
+
+def _packets(count: int) -> str:
+    return f"{count} packet" if count == 1 else f"{count} packets"
 
 
 def format_text(data: Mapping[str, Any]) -> list[str]:

@@ -30,13 +30,13 @@ import contextlib
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from netfence.dataplane.names import Direction
 from netfence.dataplane.render import SCTP_PORT_MATCH, Features
 from netfence.model.enforcement import CompiledPort, CompiledRule, Endpoint, NodeModel, PeerSet, Protocol
 from netfence.model.evaluate import NetSet
 
-Direction = Literal["ingress", "egress"]
 DIRECTIONS: tuple[Direction, ...] = ("egress", "ingress")
 
 

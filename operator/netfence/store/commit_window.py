@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from netfence.store import layout as L
 from netfence.store.types import CommitBatch, Include
@@ -65,6 +66,7 @@ class CommitWindow:
             self.buffer,
             revision,
             foreign={k: r for k, r in self.foreign.items() if k not in self.buffer},
+            commit_time=commit_time(changes.get(L.COMMIT)),
         )
         self.position = revision
         self.window_start = None
@@ -76,6 +78,17 @@ class CommitWindow:
         """Forget the half-seen change (the watch restarts before it; see ``follow_commits``)."""
         self.window_start = None
         self.buffer = {}
+
+
+def commit_time(raw: bytes | None) -> float | None:
+    """The ``time`` of a commit marker value as Unix seconds; None when it has none or does not decode."""
+    if raw is None:
+        return None
+    try:
+        text = L.decode(raw, L.COMMIT).get("time")
+        return datetime.fromisoformat(text).timestamp() if isinstance(text, str) else None
+    except (L.CorruptValueError, ValueError):
+        return None
 
 
 def foreign_in_snapshot(mod_revisions: Mapping[str, int], commit_revision: int) -> dict[str, int]:

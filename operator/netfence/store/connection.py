@@ -23,7 +23,16 @@ two minutes before it tries again, so a process noticed a recovered etcd
   errors;
 * **waking retries** (:meth:`Connection.pause`): a retry loop that waits
   after a failure returns as soon as the channel is connected again, so the
-  retry does not sleep through etcd's return.
+  retry does not sleep through etcd's return;
+* **renewed certificates** (:meth:`Connection.reload_credentials`): the TLS
+  files are re-read every ``EtcdSettings.cert_reload_interval`` seconds and
+  after every failed call (a TLS handshake failure included), compared by the
+  SHA-256 of their contents (``store/credentials.py``); a changed, valid set
+  replaces the channel at once the same way a rebuild does (new calls and
+  streams use the new credentials, watches resume from their last revision,
+  leases are untouched), an invalid set is warned about once and the loaded
+  credentials stay. The channel is always built from the contents that were
+  checked, never from a second read of the files.
 
 Retry loops of the callers back off by at most ``RETRY_BACKOFF_MAX`` seconds.
 """
@@ -38,15 +47,25 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import grpc.aio
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
 
+from netfence.store.credentials import (
+    CertInfo,
+    Inspection,
+    TlsFiles,
+    TlsMaterial,
+    decide,
+    inspect_material,
+    looks_like_tls_failure,
+    read_material,
+    unreadable,
+)
 from netfence.store.errors import EtcdUnavailable, StoreError
-from netfence.store.settings import EtcdSettings, PathLike, split_endpoint
+from netfence.store.settings import EtcdSettings, split_endpoint
 from netfence.store.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -189,7 +208,9 @@ class Connection:
         retire_after: float | None = None,
     ) -> None:
         self.settings = settings
-        self.rebuilds = 0  # how many times the channel was replaced
+        self.rebuilds = 0  # how many times the channel was replaced because calls kept failing
+        self.reloads = 0  # how many times it was replaced because the TLS files changed
+        self.reload_interval = settings.cert_reload_interval
         self.retire_after = settings.rebuild_after if retire_after is None else retire_after
         self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self._resolver = resolver
@@ -199,6 +220,16 @@ class Connection:
         self._channel: grpc.aio.Channel | None = None
         self._kv: KVService | None = None
         self._lease: LeaseService | None = None
+        self._generation = 0  # channels installed so far
+        self._files = TlsFiles.of(settings)
+        self._material: TlsMaterial | None = None  # what the current channel's credentials were made from
+        self._loaded: Inspection | None = None
+        self._rejected: str | None = None  # fingerprint of the last set warned about
+        self._hinted: str | None = None  # loaded fingerprint last named after a TLS failure
+        self._last_seen: str | None = None  # fingerprint of the files at the last check
+        self._unbuilt: str | None = None  # fingerprint of a valid set no channel could be made with
+        self._checking = asyncio.Lock()
+        self._reloader: asyncio.Task[None] | None = None
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -222,12 +253,19 @@ class Connection:
         """Create the channel if there is none (EtcdUnavailable if a host name does not resolve)."""
         async with self._lock:
             if self._channel is None:
+                if self._files is not None and self._material is None:
+                    await self._load_initial(self._files)
                 self._install(await self._build())
+            if self._files is not None and self._reloader is None:
+                self._reloader = asyncio.create_task(self._check_periodically(), name="etcd-tls-reload")
 
     async def close(self) -> None:
         async with self._lock:
             channel, self._channel = self._channel, None
             self._kv = self._lease = None
+            reloader, self._reloader = self._reloader, None
+        if reloader is not None:
+            await cancel_and_wait(reloader)
         retiring, self._retiring = self._retiring, {}
         await cancel_and_wait(*retiring)
         for old in retiring.values():  # replaced channels close now
@@ -238,18 +276,15 @@ class Connection:
 
     async def _build(self) -> grpc.aio.Channel:
         cfg = self.settings
-
-        async def read(path: PathLike | None) -> bytes | None:
-            return None if path is None else await asyncio.to_thread(Path(path).read_bytes)
-
         targets, server_name = await asyncio.to_thread(resolve_endpoints, cfg.endpoints, self._resolver)
         target = "ipv4:" + ",".join(targets)
-        if cfg.ca_file is None:
+        if self._files is None:
             return grpc.aio.insecure_channel(target, options=channel_options())
+        material = self._material
+        if material is None:
+            material = await asyncio.to_thread(read_material, self._files)
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=await read(cfg.ca_file),
-            private_key=await read(cfg.key_file),
-            certificate_chain=await read(cfg.cert_file),
+            root_certificates=material.ca, private_key=material.key, certificate_chain=material.cert
         )
         options = channel_options(cfg.tls_server_name or server_name)
         return grpc.aio.secure_channel(target, credentials, options=options)
@@ -258,6 +293,113 @@ class Connection:
         self._channel = channel
         self._kv = KVService(channel)
         self._lease = LeaseService(channel)
+        self._generation += 1
+
+    def _replace(self, channel: grpc.aio.Channel) -> None:
+        """Install ``channel`` in place of the current one, which is closed ``retire_after`` seconds later."""
+        old = self._channel
+        self._install(channel)
+        if old is None:
+            return
+        task = asyncio.create_task(self._retire(old), name="etcd-channel-retire")
+        self._retiring[task] = old
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
+
+    # -- TLS files -------------------------------------------------------------------
+
+    @property
+    def client_certificate(self) -> CertInfo | None:
+        """Serial and expiry of the client certificate in use (None without one, or if it does not decode)."""
+        return self._loaded.client if self._loaded else None
+
+    def tls_status(self) -> dict[str, str | int | None]:
+        """The TLS credentials in use, for health endpoints (empty without TLS)."""
+        if self._files is None:
+            return {}
+        client = self.client_certificate
+        return {
+            "etcdClientCertSerial": client.serial if client else None,
+            "etcdClientCertExpiry": client.expiry() if client else None,
+            "etcdTlsReloads": self.reloads,
+        }
+
+    async def _load_initial(self, files: TlsFiles) -> None:
+        material = await asyncio.to_thread(read_material, files)  # unreadable: open() fails, as it always did
+        inspection = await asyncio.to_thread(inspect_material, material)
+        self._material, self._loaded = material, inspection
+        if inspection.problem is not None:
+            log.warning("the etcd TLS files look unusable: %s; trying them anyway", inspection.problem)
+        elif not inspection.verified:
+            log.info("the etcd CA file does not verify the client certificate (%s); "
+                     "reloads will not require it", inspection.verify_problem)
+        log.info("etcd TLS files loaded: %s", inspection.describe())
+
+    async def reload_credentials(self, trigger: str = "check") -> bool:
+        """Re-read the TLS files; if their contents changed and are a valid set, replace the channel with
+        one using them (True). Never raises. Concurrent calls: all but the first return False at once."""
+        files, loaded = self._files, self._loaded
+        if files is None or loaded is None or self._channel is None or self._checking.locked():
+            return False
+        async with self._checking:
+            try:
+                return await self._reload(files, loaded, trigger)
+            except Exception as exc:
+                log.warning("checking the etcd TLS files failed: %s", exc)
+                return False
+
+    async def _reload(self, files: TlsFiles, loaded: Inspection, trigger: str) -> bool:
+        material: TlsMaterial | None
+        try:
+            material = await asyncio.to_thread(read_material, files)
+        except OSError as exc:  # a file missing, for one: keep what works
+            material, inspection = None, unreadable(exc)
+        else:
+            self._last_seen = material.fingerprint
+            if material.fingerprint == loaded.fingerprint:
+                self._rejected = None  # back to the loaded set: warn again about a bad one
+                return False
+            inspection = await asyncio.to_thread(inspect_material, material)
+        decision = decide(loaded, inspection, self._rejected)
+        if material is None or not decision.reload:
+            if decision.warning is not None:
+                log.warning("%s", decision.warning)
+            self._rejected = inspection.fingerprint
+            return False
+        async with self._lock:
+            if self._channel is None:
+                return False  # closed meanwhile
+            previous = self._material, self._loaded
+            self._material, self._loaded = material, inspection
+            try:
+                channel = await self._build()
+            except Exception as exc:  # a host name that does not resolve now: the next check tries again
+                self._material, self._loaded = previous
+                if self._unbuilt != inspection.fingerprint:
+                    self._unbuilt = inspection.fingerprint
+                    log.warning("the etcd TLS files changed but no channel could be made with them (%s); "
+                                "keeping the loaded ones", exc)
+                return False
+            self._replace(channel)
+            self.reloads += 1
+            self._rejected = self._unbuilt = None
+            self._policy.rebuilt(self._clock())
+        log.info("etcd TLS files changed (%s); reloaded them into a new gRPC channel: %s",
+                 trigger, inspection.describe())
+        return True
+
+    async def _check_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_interval)
+            await self.reload_credentials("periodic check")
+
+    def _hint_unchanged(self, reason: str) -> None:
+        """After a TLS failure with unchanged files, say once (per loaded set) what is loaded."""
+        loaded = self._loaded
+        if loaded is None or self._hinted == loaded.fingerprint or self._last_seen != loaded.fingerprint:
+            return
+        self._hinted = loaded.fingerprint
+        log.warning("a call to etcd failed in the TLS handshake (%s) and the TLS files are unchanged (%s)",
+                    reason, loaded.describe())
 
     # -- health of the channel -------------------------------------------------------
 
@@ -266,13 +408,23 @@ class Connection:
         self._policy.succeeded()
 
     async def failed(self, reason: str) -> None:
-        """A call failed for want of etcd; rebuilds the channel when they keep failing. Never raises."""
-        if self._channel is None or not self._policy.failed(self._clock()):
+        """A call failed for want of etcd: re-reads the TLS files (reloading changed ones at once);
+        rebuilds the channel when calls keep failing. Never raises."""
+        if self._channel is None:
             return
-        generation = self.rebuilds
+        tls_failure = looks_like_tls_failure(reason)
+        if self._files is not None:
+            trigger = "after a TLS handshake failure" if tls_failure else "after a failed call"
+            if await self.reload_credentials(trigger):
+                return
+            if tls_failure:
+                self._hint_unchanged(reason)
+        if not self._policy.failed(self._clock()):
+            return
+        generation = self._generation
         async with self._lock:
-            if self._channel is None or self.rebuilds != generation:
-                return  # closed, or rebuilt by another caller meanwhile
+            if self._channel is None or self._generation != generation:
+                return  # closed, or replaced by another caller meanwhile
             started = self._clock()
             try:
                 channel = await self._build()
@@ -280,17 +432,13 @@ class Connection:
                 self._policy.rebuilt(self._clock())  # try again after another whole period
                 log.warning("rebuilding the etcd channel failed (%s); keeping the old one", exc)
                 return
-            old = self._channel
-            self._install(channel)
+            self._replace(channel)
             self.rebuilds += 1
             self._policy.rebuilt(started)
         log.warning(
             "etcd calls have failed for %.0fs (%s); replaced the gRPC channel (rebuild %d)",
             self.settings.rebuild_after, reason, self.rebuilds,
         )
-        task = asyncio.create_task(self._retire(old), name="etcd-channel-retire")
-        self._retiring[task] = old
-        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     async def _retire(self, channel: grpc.aio.Channel) -> None:
         """Close a replaced channel once what still used it has moved to the new one."""

@@ -23,9 +23,10 @@ from datetime import UTC, datetime
 
 from netfence.store import layout as L
 from netfence.store.errors import CompactedError, CorruptValueError, StoreError
-from netfence.store.etcd import EtcdStore, Fence
 from netfence.store.lease import LeaseKeeper
+from netfence.store.protocols import ElectionStore
 from netfence.store.tasks import first_of
+from netfence.store.types import Fence
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,13 @@ class LeaderElection:
     election task (``fence`` is already set / already None when they run);
     ``became_leader`` is set while leading. ``is_leader`` turns False the
     moment the lease is known or presumed lost, before ``on_lost`` runs.
+    It is the syncer's ``Leadership`` (``store/protocols.py``); ``store`` is
+    any ``ElectionStore``.
     """
 
     def __init__(
         self,
-        store: EtcdStore,
+        store: ElectionStore,
         identity: str,
         ttl: int = 5,
         *,

@@ -8,13 +8,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from netfence.store.errors import StoreError
+from netfence.store.protocols import LeaseOps
 from netfence.store.tasks import cancel_and_wait
-
-if TYPE_CHECKING:
-    from netfence.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +32,7 @@ class LeaseKeeper:
 
     def __init__(
         self,
-        store: EtcdStore,
+        store: LeaseOps,
         ttl: int,
         *,
         lease_id: int | None = None,

@@ -42,6 +42,9 @@ class EtcdSettings:
     ``rebuild_after``: when every call has failed for this long (at least three
     failures), the gRPC channel is replaced by a new one (host names resolved
     again); see ``netfence.store.connection``.
+    ``cert_reload_interval``: how often the TLS files are re-read (also after
+    every failed call); changed valid contents replace the channel's
+    credentials without a restart (``netfence.store.credentials``).
     """
 
     endpoints: Sequence[str] = ("127.0.0.1:2379",)
@@ -56,6 +59,7 @@ class EtcdSettings:
     watch_probe_interval: float = 5.0
     watch_retry_timeout: float = 30.0
     rebuild_after: float = 10.0
+    cert_reload_interval: float = 30.0
 
     def __post_init__(self) -> None:
         if isinstance(self.endpoints, str):
@@ -81,7 +85,8 @@ class EtcdSettings:
             out.append("etcd client certificate given without a CA file (TLS needs the CA)")
         if not 1 <= self.max_ops_per_txn <= ETCD_MAX_TXN_OPS - PROTOCOL_OPS:
             out.append(f"max operations per transaction must be in 1..{ETCD_MAX_TXN_OPS - PROTOCOL_OPS}")
-        for name in ("timeout", "watch_probe_interval", "watch_retry_timeout", "rebuild_after"):
+        for name in ("timeout", "watch_probe_interval", "watch_retry_timeout", "rebuild_after",
+                     "cert_reload_interval"):
             if not getattr(self, name) > 0:
                 out.append(f"etcd {name.replace('_', ' ')} must be positive")
         if self.page_size < 1:

@@ -65,6 +65,9 @@ class CommitBatch:
     commit_revision: int
     foreign: dict[str, int] = field(default_factory=dict)
     is_commit: bool = True
+    #: The commit marker's ``time`` (Unix seconds, the controller's clock); None when absent
+    #: or unreadable, and in batches that are not commits (agent metrics: commit -> kernel).
+    commit_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ class AgentProc:
     netns: str
     health_port: int
     process: ManagedProcess
+    metrics_port: int = 0  # its Prometheus /metrics on 127.0.0.1 (docs/metrics.md)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class NetfenceEnv:
     api: client.ApiClient | None = None
     agents: dict[int, AgentProc] = field(default_factory=dict)
     controllers: dict[str, ManagedProcess] = field(default_factory=dict)
+    controller_metrics_ports: dict[str, int] = field(default_factory=dict)  # identity -> /metrics port
     # Deletions leave no resource version to wait for: instead the barrier waits
     # until the committed model no longer refers to what was deleted.
     _gone: list[Callable[[Mapping[str, bytes]], bool]] = field(default_factory=list)
@@ -122,6 +124,7 @@ class NetfenceEnv:
         return [f"--etcd-endpoints={self.cluster.netfence_etcd.endpoint}", f"--etcd-prefix={self.prefix}"]
 
     def start_controller(self, identity: str, extra: tuple[str, ...] = ()) -> ManagedProcess:
+        metrics_port = free_port()
         argv = [
             *self._python(), "netfence.controller.main",
             f"--kubeconfig={self.cluster.kubeconfig}",
@@ -129,8 +132,10 @@ class NetfenceEnv:
             f"--lease-ttl={self.lease_ttl}",
             f"--health-port={free_port()}",
             "--status-interval-ms=100",
+            f"--metrics-port={metrics_port}", "--metrics-host=127.0.0.1",
             *self.etcd_args(), *self.controller_extra_args, *extra,
         ]
+        self.controller_metrics_ports[identity] = metrics_port
         proc = ManagedProcess(identity, argv, self.workdir / f"{identity}.log", env=self._env())
         proc.start()
         self.controllers[identity] = proc
@@ -144,6 +149,7 @@ class NetfenceEnv:
         node = self.kubelet.nodes[index]
         netns = self.fabric.node(index).netns
         port = free_port()
+        metrics_port = free_port()
         argv = [
             *self._python(), "netfence.agent.main",
             f"--node={node}",
@@ -152,12 +158,13 @@ class NetfenceEnv:
             f"--resync-seconds={self.resync_seconds}",
             f"--report-ttl={self.report_ttl}",
             f"--health-port={port}",
+            f"--metrics-port={metrics_port}", "--metrics-host=127.0.0.1",
             *self.etcd_args(), *self.agent_extra_args, *extra,
         ]
         log_path = self.workdir / f"agent-{node}.log"
         proc = ManagedProcess(f"agent-{node}", argv, log_path, env={**self._env(), **(env or {})})
         proc.start()
-        agent = AgentProc(index, node, netns, port, proc)
+        agent = AgentProc(index, node, netns, port, proc, metrics_port)
         self.agents[index] = agent
         return agent
 

@@ -85,6 +85,10 @@ NODE_MOUNTS = {
     "run-containerd": "/run/containerd",
     "var-lib-containerd": "/var/lib/containerd",
     "etc-cni": "/etc/cni",
+    # the pods' network namespaces (containerd pins them as /run/netns/cni-*): kept off the
+    # host's /run/netns, where they would outlive the node as dead entries (`ip netns` then
+    # prints "Peer netns reference is invalid" for each)
+    "run-netns": "/run/netns",
 }
 CNI_BIN_DIR = "/usr/lib/cni"
 STATE_FILE = "node.json"
@@ -416,6 +420,10 @@ class LocalNode:
             "link set lo up",
             f"addr add {NODE_IP}/{LINK_PREFIX} dev {NODE_IF}",
             f"link set {NODE_IF} up",
+            # Host-network pods (and the kubelet's probes) reach ClusterIPs: a route for the
+            # service range makes the OUTPUT chain, where kube-proxy DNATs, see the packets.
+            # On-link without a gateway: an address kube-proxy does not know is never answered.
+            f"route add {SERVICE_CIDR} dev {NODE_IF}",
         ])
         ns = ["ip", "netns", "exec", NODE_NETNS]
         run([*ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
@@ -434,6 +442,9 @@ class LocalNode:
         script = []
         for src, target in NODE_MOUNTS.items():
             (self.workdir / "mounts" / src).mkdir(parents=True, exist_ok=True)
+            if src == "run-netns":  # dead entries of an earlier node (their mounts went with it)
+                for stale in (self.workdir / "mounts" / src).iterdir():
+                    stale.unlink(missing_ok=True)
             if not Path(target).exists():
                 Path(target).mkdir(parents=True)
                 self.state.created_dirs.append(target)

@@ -5,6 +5,15 @@ target runs both). Brings the node up (testbed/node.py), runs the checks,
 prints a report and ``N passed, N failed``, takes the node down, and exits 1
 if a check failed.
 
+Images: ``--tags`` names the install tag, an upgrade tag of the same code and an
+upgrade tag whose image reports another version (``TAG=VERSION``, built by
+``hack/node-images.sh`` with the Dockerfile's VERSION build argument); the rollouts
+check that the agents report the version of the image they run.
+
+Uninstall: the rules stay on the node as last programmed (fail-static, see
+docs/install.md "Uninstall"); the e2e checks an allowed and a denied pair after
+``helm uninstall`` and that the ClusterPolicyStatus CRD is kept.
+
 Workloads: server pods (TCP 8080 and UDP 8081 answer "ok") and client pods in
 namespaces nf-a, nf-b, nf-c, all from the controller image (Python, no other
 image needed). Probes are real connections from inside the pods.
@@ -33,6 +42,8 @@ log = logging.getLogger(__name__)
 RELEASE = "netfence"
 NAMESPACE = "netfence-system"
 IMAGE_REPO = "ghcr.io/netfence/netfence-{target}"
+AGENT_HEALTH_PORT = 9799  # the chart's agent.healthPort; the agent serves it on the node's loopback
+DEFAULT_TAGS = "0.1.0,0.1.0-b,0.1.0-c=0.1.0+c"  # keep equal to the Makefile's NODE_TAGS
 
 SERVER = """
 import socket, threading
@@ -60,13 +71,15 @@ def probe():
             u.settimeout(0.5); u.sendto(b"x", (ip, port)); return u.recv(2) == b"ok"
     except OSError:
         return False
-out("allow" if probe() else "deny")
+print("allow" if probe() else "deny")
 """
 
-# env TARGETS="name=ip:port/proto,..."; every 100 ms one probe per target, one JSON line each
+# env TARGETS="name=ip:port/proto,..."; every 100 ms one probe per target (started on time, whatever
+# earlier probes still wait for), one JSON line each ("t": when it started), written by one thread
 PROBER = """
-import json, os, socket, sys, threading, time
+import json, os, queue, socket, sys, threading, time
 targets = [t.split("=") for t in os.environ["TARGETS"].split(",") if t]
+results = queue.Queue()
 def probe(ip, port, proto):
     try:
         if proto == "tcp":
@@ -76,15 +89,20 @@ def probe(ip, port, proto):
             u.settimeout(0.3); u.sendto(b"x", (ip, int(port))); return u.recv(2) == b"ok"
     except OSError:
         return False
-def one(name, spec):
+def one(name, spec, t):
     hostport, proto = spec.split("/"); ip, port = hostport.split(":")
-    ok = probe(ip, port, proto)
-    out(json.dumps({"t": time.time(), "target": name, "allow": ok}))
+    results.put(json.dumps({"t": t, "target": name, "allow": probe(ip, port, proto)}))
+def ticker():
+    due = time.monotonic()
+    while True:
+        now = time.time()
+        for name, spec in targets:
+            threading.Thread(target=one, args=(name, spec, now), daemon=True).start()
+        due += 0.1
+        time.sleep(max(0.0, due - time.monotonic()))
+threading.Thread(target=ticker, daemon=True).start()
 while True:
-    start = time.monotonic()
-    ts = [threading.Thread(target=one, args=t) for t in targets]
-    [t.start() for t in ts]; [t.join() for t in ts]
-    time.sleep(max(0.0, 0.1 - (time.monotonic() - start)))
+    sys.stdout.write(results.get() + "\\n"); sys.stdout.flush()
 """
 
 
@@ -154,6 +172,7 @@ class E2E:
         self.tags = tags
         self.report = report
         self.ips: dict[str, str] = {}
+        self.probes_checked = 0
 
     def k(self, *args: str, input: str | None = None, timeout: float = 180) -> str:
         return self.node.kubectl(*args, input=input, timeout=timeout).stdout
@@ -189,6 +208,7 @@ class E2E:
                                 for c in p["status"].get("conditions", []))]
         if not_ready:
             raise RuntimeError(f"not Ready: {not_ready}")
+        self.report.facts["pods ready"] = f"{len(pods)}/{len(pods)}"
         return f"{len(pods)} pods Ready: " + ", ".join(sorted(p["metadata"]["name"] for p in pods))
 
     def workloads(self) -> str:
@@ -215,15 +235,29 @@ class E2E:
         wrong = []
         for src, dst, port, proto, want in cases:
             got = self.probe(src, dst, port, proto)
+            self.probes_checked += 1
             if got != want:
                 wrong.append(f"{src}->{dst}:{port}/{proto} {got}, want {want}")
         if wrong:
             raise RuntimeError("; ".join(wrong))
         return f"{len(cases)} probes as expected"
 
+    def expect_within(self, cases: list[tuple[str, str, int, str, str]], timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.expect(cases)
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
     def policies(self) -> str:
+        start = time.monotonic()
         self.k("apply", "-f", "-", input=yaml.safe_dump_all(POLICIES))
-        return self.wait_enforced(len(POLICIES))
+        enforced = self.wait_enforced(len(POLICIES))
+        self.report.facts["policies enforced"] = f"{enforced} ({time.monotonic() - start:.1f}s after apply)"
+        return enforced
 
     def wait_enforced(self, count: int, timeout: float = 120) -> str:
         deadline = time.monotonic() + timeout
@@ -273,7 +307,31 @@ class E2E:
                     wrong += 1
         return total, wrong
 
-    def rollout(self, action: list[str], what: str) -> str:
+    def versions(self) -> tuple[set[str], set[str]]:
+        """The version every agent reports on its health endpoint, and the Netfence
+        version installed in every controller pod."""
+        agents: set[str] = set()
+        controllers: set[str] = set()
+        for component, found in (("agent", agents), ("controller", controllers)):
+            pods = json.loads(self.k("-n", NAMESPACE, "get", "pods", "-l",
+                                     f"app.kubernetes.io/component={component}", "-o", "json"))["items"]
+            for p in pods:
+                if p["metadata"].get("deletionTimestamp"):
+                    continue
+                script = (f"import json, urllib.request; print(json.load(urllib.request.urlopen("
+                          f"'http://127.0.0.1:{AGENT_HEALTH_PORT}/healthz', timeout=5))['version'])"
+                          if component == "agent" else "import netfence; print(netfence.__version__)")
+                found.add(self.k("-n", NAMESPACE, "exec", p["metadata"]["name"], "--", "python", "-c", script,
+                                 timeout=30).strip())
+        return agents, controllers
+
+    def check_version(self, want: str) -> str:
+        agents, controllers = self.versions()
+        if agents != {want} or controllers != {want}:
+            raise RuntimeError(f"agents report {sorted(agents)}, controllers run {sorted(controllers)}; want {want}")
+        return f"agents and controllers at {want}"
+
+    def rollout(self, action: list[str], what: str, version: str) -> str:
         since = time.time()
         self.helm(*action)
         # the policy change in the middle of the rollout
@@ -283,29 +341,45 @@ class E2E:
                timeout=320)
         time.sleep(1)  # let the probers' last round land in their logs
         total, wrong = self.prober_results(since)
-        self.report.facts[f"{what} probes"] = f"{total} checked, {wrong} wrong"
+        self.report.facts[f"{what} rollout probes"] = f"{total} checked, {wrong} wrong"
+        self.probes_checked += total
         if total == 0 or wrong:
             raise RuntimeError(f"{total} probes, {wrong} wrong")
         self.wait_enforced(len(POLICIES) + 1)
         self.expect(self.enforcement_cases(mid=True))
         self.k("delete", "-f", "-", input=yaml.safe_dump(MID_ROLLOUT_POLICY))
         self.wait_enforced(len(POLICIES))
-        return f"{total} probes, 0 wrong; mid-rollout policy enforced after it"
+        # no status says when a deleted policy's rules are gone from the node: bounded retries
+        self.expect_within(self.enforcement_cases(mid=False), timeout=30)
+        return f"{total} probes, 0 wrong; mid-rollout policy enforced after it; {self.check_version(version)}"
 
     def uninstall(self) -> str:
+        """docs/install.md "Uninstall": the CRD is kept and the rules stay as last programmed
+        (fail-static): every pair keeps its verdict once no Netfence pod is left."""
         self.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout", "5m")
         crd = self.node.kubectl("get", "crd", "clusterpolicystatuses.netfence.dev", check=False)
         if crd.returncode != 0:
             raise RuntimeError("the ClusterPolicyStatus CRD is gone after helm uninstall")
-        still = self.probe("nf-c/client", "nf-b/server", 8080, "tcp")
-        self.report.facts["after uninstall nf-c -> nf-b:8080"] = still
-        return f"CRD kept; a denied pair is '{still}' after uninstall"
+        deadline = time.monotonic() + 180
+        while left := self.k("-n", NAMESPACE, "get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE}",
+                             "-o", "name").split():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"release pods still there 180 s after helm uninstall: {left}")
+            time.sleep(1)
+        verdicts = self.expect(self.enforcement_cases(mid=False))
+        self.report.facts["after uninstall"] = f"rules stay: {verdicts}"
+        return f"CRD kept, no release pod left, rules stay: {verdicts}"
+
+
+def chart_app_version(chart: Path) -> str:
+    return str(yaml.safe_load((chart / "Chart.yaml").read_text())["appVersion"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="node-e2e")
     parser.add_argument("--dir", type=Path, default=None)
-    parser.add_argument("--tags", default="0.1.0,0.1.0-b", help="install tag, upgrade tag")
+    parser.add_argument("--tags", default=DEFAULT_TAGS,
+                        help="install tag, upgrade tag (same code), upgrade tag=version (another version)")
     parser.add_argument("--keep", action="store_true", help="leave the node up at the end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -314,7 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     if root is None:
         log.error("node-e2e runs from a Netfence checkout")
         return 2
-    tags = tuple(args.tags.split(","))
+    specs = [t.partition("=") for t in args.tags.split(",")]
+    if len(specs) != 3:
+        parser.error("--tags: three tags, e.g. " + DEFAULT_TAGS)
+    base_version = chart_app_version(root / "helm" / "netfence")
+    tags = [tag for tag, _, _ in specs]
+    versions = [version or base_version for _, _, version in specs]
     report = Report()
     down(workdir)
     node = LocalNode(workdir, ensure_tools(), ensure_node_tools())
@@ -338,11 +417,16 @@ def main(argv: list[str] | None = None) -> int:
         report.run("real connections match the policies", lambda: e2e.expect(e2e.enforcement_cases(False)))
         report.run("helm test", lambda: e2e.helm("test", RELEASE, "-n", NAMESPACE, "--timeout", "5m") and "passed")
         report.run("probers running (every 100 ms)", e2e.start_probers)
-        report.run("helm upgrade rollout: zero wrong probes", lambda: e2e.rollout(
-            ["upgrade", RELEASE, str(e2e.chart), "-n", NAMESPACE, *e2e.values(tags[1])], "upgrade"))
-        report.run("helm rollback rollout: zero wrong probes", lambda: e2e.rollout(
-            ["rollback", RELEASE, "1", "-n", NAMESPACE, "--wait", "--timeout", "5m"], "rollback"))
-        report.run("helm uninstall", e2e.uninstall)
+        report.run(f"helm upgrade to {tags[1]} (same code): zero wrong probes", lambda: e2e.rollout(
+            ["upgrade", RELEASE, str(e2e.chart), "-n", NAMESPACE, *e2e.values(tags[1])],
+            f"upgrade to {tags[1]}", versions[1]))
+        report.run(f"helm upgrade to {tags[2]} (version {versions[2]}): zero wrong probes", lambda: e2e.rollout(
+            ["upgrade", RELEASE, str(e2e.chart), "-n", NAMESPACE, *e2e.values(tags[2])],
+            f"upgrade to {tags[2]}", versions[2]))
+        report.run(f"helm rollback to {tags[0]}: zero wrong probes", lambda: e2e.rollout(
+            ["rollback", RELEASE, "1", "-n", NAMESPACE], f"rollback to {tags[0]}", versions[0]))
+        report.run("helm uninstall: CRD kept, rules stay", e2e.uninstall)
+        report.facts["probes checked"] = str(e2e.probes_checked)
     except NodeError:
         pass
     finally:

@@ -401,6 +401,7 @@ async def test_a_spec_edited_by_someone_else_is_restored_and_the_status_follows(
     kube.edit_spec("ns.a", {**original, "policyRef": "someone/else"})  # generation 2, status still says 1
     # The next status write (a report arrives) sees generation 2 in the response: spec put back, status again.
     world.apply("pods", "ADDED", pod("ns", "pa", {"app": "a"}, "node-0", "10.0.0.1", 20))
+    writer.on_commit(1, set(world.engine.drain_changes()))  # the syncer's commit of the new endpoint
     writer.set_report("node-0", NodeReport("node-0", 0))
     await writer.flush()
     await writer.flush()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.fakes.store import FakeLeadership, FakeStore, MemoryEtcd
 
 from netfence.agent.node_state import NodeState
 from netfence.controller.syncer import EtcdSyncer
@@ -19,7 +20,6 @@ from netfence.model.policy import policy_from_k8s
 from netfence.model.world import namespace_from_k8s, pod_from_k8s
 from netfence.store import layout as L
 from netfence.store import migration as M
-from netfence.store.types import Fence, Snapshot
 
 
 def _set(members: list[str], sid: str = "pabc") -> dict[str, Any]:
@@ -248,55 +248,14 @@ def test_a_chunk_that_does_not_add_up_keeps_the_last_good_set() -> None:
 # --- the syncer writes the layout the gate allows (a fake store: no etcd needed) -----------------
 
 
-class FakeStore:
-    """Just enough of EtcdStore for the syncer: read_all and write (each write = one commit)."""
-
-    def __init__(self) -> None:
-        self.layout = L.Layout("/t/")
-        self.values: dict[str, bytes] = {}
-        self.revision = 0
-        self.writes: list[dict[str, bytes | None]] = []
-        self.written = asyncio.Event()
-        self.txn_listeners: list[Any] = []
-
-    async def read_all(self) -> Snapshot:
-        return Snapshot(dict(self.values), self.revision, {}, self.revision)
-
-    async def watch_changes(self, *args: Any) -> Any:
-        """No foreign writers here: the syncer's own-keys watch sees nothing."""
-        await asyncio.Future()
-        yield
-
-    async def writes_settled(self) -> None:
-        return
-
-    async def write(self, changes: dict[str, bytes | None], fence: Any) -> int:
-        assert fence is not None
-        self.revision += 1
-        for listener in self.txn_listeners:
-            listener(self.revision)
-        for key, value in changes.items():
-            if value is None:
-                self.values.pop(key, None)
-            else:
-                self.values[key] = value
-        self.writes.append(dict(changes))
-        self.written.set()
-        return self.revision
-
-    async def settle(self) -> None:
-        """Until the syncer has written nothing for a while (it runs with no coalescing window)."""
-        while True:
-            self.written.clear()
-            try:
-                await asyncio.wait_for(self.written.wait(), 0.3)
-            except TimeoutError:
-                return
-
-
-class FakeElection:
-    is_leader = True
-    fence = Fence("/t/leader", 1)
+async def settle(etcd: MemoryEtcd) -> None:
+    """Until the syncer has written nothing for a while (it runs with no coalescing window)."""
+    while True:
+        written = len(etcd.changes_written)
+        try:
+            await asyncio.wait_for(etcd.until(lambda w=written: len(etcd.changes_written) > w), 0.3)  # type: ignore[misc]
+        except TimeoutError:
+            return
 
 
 def _pod(name: str, ip: str, labels: dict[str, str], node: str = "n1") -> Any:
@@ -319,64 +278,65 @@ def _engine(goods: int) -> ModelEngine:
     return engine
 
 
-def _decoded(store: FakeStore) -> Any:
+def _decoded(etcd: MemoryEtcd) -> Any:
     state = NodeState("n1")
-    state.reset(store.values)
+    state.reset(etcd.values())
     return state.model()
 
 
 async def test_syncer_migrates_only_through_the_gate_and_writes_chunks() -> None:
-    engine, store = _engine(1000), FakeStore()
-    syncer = EtcdSyncer(engine, cast(Any, store), cast(Any, FakeElection()), observed=dict, coalesce_seconds=0,
+    engine, etcd = _engine(1000), MemoryEtcd()
+    store = FakeStore(etcd, "controller")  # the shared in-memory store (tests/fakes/store.py)
+    syncer = EtcdSyncer(engine, store, FakeLeadership(etcd.elect("controller")), observed=dict, coalesce_seconds=0,
                         target_schema=2)
     task = asyncio.create_task(syncer.run())
     try:
         syncer.set_agent_report("n1", {"schemaSupported": [1, 2]})
         syncer.set_agent_report("n2", {"schemaSupported": [1]})  # an old agent: stay on schema 1
-        await store.settle()
-        assert syncer.schema == 1 and json.loads(store.values["meta/schema"])["schema"] == 1
-        assert not any(k.startswith("sets2/") for k in store.values)
-        v1_model = _decoded(store)
+        await settle(etcd)
+        assert syncer.schema == 1 and json.loads(etcd.values()["meta/schema"])["schema"] == 1
+        assert not any(k.startswith("sets2/") for k in etcd.values())
+        v1_model = _decoded(etcd)
         assert len(next(iter(v1_model.sets.values())).members) == 1000
 
-        writes = len(store.writes)
+        writes = len(etcd.changes_written)
         syncer.set_agent_report("n2", None)  # n2 restarts: it hosts endpoints, so no migration yet
-        await store.settle()
-        assert syncer.schema == 1 and len(store.writes) == writes
+        await settle(etcd)
+        assert syncer.schema == 1 and len(etcd.changes_written) == writes
         syncer.set_agent_report("n2", {"schemaSupported": [1, 2]})  # ... and comes back new: migrate
-        await store.settle()
-        switch, cleanup = store.writes[writes:]
+        await settle(etcd)
+        switch, cleanup = etcd.changes_written[writes:]
         assert json.loads(switch["meta/schema"] or b"")["schema"] == 2
         assert all(v is not None for v in switch.values()) and sum(k.startswith("sets2/") for k in switch) == 1 + 4
         assert cleanup and all(k.startswith("sets/") and v is None for k, v in cleanup.items())
-        assert syncer.schema == 2 and syncer.migrations == [(1, 2, store.revision - 1)]
-        assert _decoded(store) == v1_model
+        assert syncer.schema == 2 and syncer.migrations == [(1, 2, etcd.revision - 1)]
+        assert _decoded(etcd) == v1_model
 
         # One more member: one chunk is rewritten, the status sees the logical set key.
-        writes = len(store.writes)
+        writes = len(etcd.changes_written)
         engine.set_pod(_pod("late", "10.99.0.1", {"role": "good"}, node="n2"))
         syncer.notify()
-        await store.settle()
-        [change] = store.writes[writes:]
+        await settle(etcd)
+        [change] = etcd.changes_written[writes:]
         assert [k for k in change if k.startswith("sets2/")] == [k for k in change if k.startswith("sets")]
         assert len([k for k in change if k.startswith("sets2/")]) == 1
         set_key = next(k for k in v1_model.sets)
-        assert syncer.key_revisions[f"sets/{set_key}"] == store.revision
-        assert "10.99.0.1" in _decoded(store).sets[set_key].members
+        assert syncer.key_revisions[f"sets/{set_key}"] == etcd.revision
+        assert "10.99.0.1" in _decoded(etcd).sets[set_key].members
         # An old agent shows up after the migration: fall back to schema 1 (again in two commits).
-        writes = len(store.writes)
+        writes = len(etcd.changes_written)
         syncer.set_agent_report("n3", {"node": "n3"})
-        await store.settle()
-        back, gone = store.writes[writes:]
+        await settle(etcd)
+        back, gone = etcd.changes_written[writes:]
         assert json.loads(back["meta/schema"] or b"")["schema"] == 1 and any(k.startswith("sets/") for k in back)
         assert all(k.startswith("sets2/") and v is None for k, v in gone.items())
-        assert syncer.schema == 1 and not any(k.startswith("sets2/") for k in store.values)
-        assert "10.99.0.1" in _decoded(store).sets[set_key].members
+        assert syncer.schema == 1 and not any(k.startswith("sets2/") for k in etcd.values())
+        assert "10.99.0.1" in _decoded(etcd).sets[set_key].members
         # A reconcile over matching state writes nothing.
-        writes = len(store.writes)
+        writes = len(etcd.changes_written)
         syncer.request_reconcile()
-        await store.settle()
-        assert len(store.writes) == writes
+        await settle(etcd)
+        assert len(etcd.changes_written) == writes
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
