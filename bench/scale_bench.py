@@ -2,8 +2,10 @@
 
 A real kube-apiserver, a real etcd and the REAL controller process (a
 LocalCluster in a temporary directory plus ``python -m netfence.controller.main``),
-and N simulated nodes in this process. Each simulated agent is the real
-``netfence.agent.loop.Agent`` with its netfilter taken out: it follows commits
+and N simulated nodes as asyncio tasks in a child process of the bench (``--fleet-procs``
+of them; apart from the measuring process, so that the agents' own work does not delay
+what it observes). Each simulated agent is the real ``netfence.agent.loop.Agent`` with
+its netfilter taken out: it follows commits
 through the same store calls (``committed_snapshot`` / ``follow_commits`` with
 its node's ``wants``, coalescing commits that arrive while it is busy) and
 writes its lease-bound report with the agent's own report loop (the same
@@ -11,6 +13,9 @@ JSON), but its "apply" only records the revision, and it does not decode
 values, check drift or probe etcd every second. The world (API objects only:
 pods get ``spec.nodeName`` and a status with an IP from their node's CIDR, no
 kubelet) defaults to 1,000 nodes, 5,000 pods, 100 namespaces, 1,000 policies.
+Policies have synthetic.py's five shapes; namespace ``ns-0`` holds exactly one
+of each and every other policy lives elsewhere, so the label changes (pods of
+``ns-0``) are the same change at every policy count.
 
 For every policy count of ``--policy-points`` (the world grows between them)
 and every ``--modes`` entry, one round: ClusterPolicyStatus objects deleted, a
@@ -18,8 +23,8 @@ fresh etcd prefix, the simulated agents started, then the controller, and
 
 * cold start: spawn -> first commit -> every ClusterPolicyStatus has a status
   -> every one says ``Enforced``;
-* ``--label-changes`` pod label changes (``track`` stable<->canary, one at a
-  time): API write -> every affected status (a policy whose relevant keys the
+* ``--label-changes`` pod label changes (``track`` stable<->canary of a pod in
+  ``ns-0``, one at a time): API write -> every affected status (a policy whose relevant keys the
   commit changed, per an in-process model mirror) shows ``Enforced`` at a
   revision >= the commit's;
 * at ``--policies`` only, ``--creates`` policy creations: API create -> its
@@ -89,7 +94,8 @@ from netfence.store.types import CommitBatch, CommittedState, Include, Reports
 from netfence.testbed.cluster import LocalCluster
 from netfence.testbed.process import ManagedProcess, free_port
 from netfence.testbed.tools import ensure_tools
-from synthetic import Sizes, flip_track, namespace_bodies, node_bodies, node_name, pod_bodies, policy_bodies
+from synthetic import Sizes, flip_track, namespace_bodies, node_bodies, node_name, pod_bodies
+from synthetic import _policy_spec as policy_spec
 
 log = logging.getLogger("scale_bench")
 
@@ -97,6 +103,7 @@ GOAL_P99 = 1.0  # seconds, both changes, at 1,000 simulated nodes
 GOAL_COLD_STATUS = 5.0  # seconds to write every status of 1,000 policies after a cold start
 NODE_BLOCK = 4096  # addresses per node CIDR (/20): 10.1.0.0/20, 10.1.16.0/20, ...
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+THIS_FILE = str(Path(__file__).resolve())
 
 
 # --- the world ---------------------------------------------------------------------------------
@@ -138,11 +145,31 @@ async def create_world(api: client.ApiClient, sizes: Sizes, concurrency: int) ->
     return time.monotonic() - t0
 
 
+PROBE_NAMESPACE = "ns-0"  # the label changes flip pods here; it holds one policy of each shape, whatever the count
+
+
+def scale_policy_bodies(sizes: Sizes, start: int, stop: int) -> list[dict[str, Any]]:
+    """Policies ``pol-<start>`` .. ``pol-<stop - 1>`` of synthetic.py's five shapes (shape ``j % 5``).
+    The first five live in PROBE_NAMESPACE, every other one in the other namespaces: a label change
+    in PROBE_NAMESPACE is the same change at every policy count (the policies added are unrelated)."""
+    out = []
+    others = max(sizes.namespaces - 1, 1)
+    for j in range(start, stop):
+        ns = PROBE_NAMESPACE if j < 5 else f"ns-{1 + (j - 5) % others}"
+        out.append({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": f"pol-{j}", "namespace": ns},
+            "spec": policy_spec(j % 5, random.Random(j)),
+        })
+    return out
+
+
 async def grow_policies(api: client.ApiClient, sizes: Sizes, have: int, want: int, concurrency: int) -> None:
     net = client.NetworkingV1Api(api)
-    bodies = policy_bodies(Sizes(namespaces=sizes.namespaces, pods=sizes.pods, policies=want, nodes=sizes.nodes))
     await bounded(concurrency, [
-        lambda b=b: net.create_namespaced_network_policy(b["metadata"]["namespace"], b) for b in bodies[have:want]
+        lambda b=b: net.create_namespaced_network_policy(b["metadata"]["namespace"], b)
+        for b in scale_policy_bodies(sizes, have, want)
     ])
 
 
@@ -277,42 +304,22 @@ class SimAgent(Agent):
 
 @dataclass
 class Fleet:
-    """The simulated agents and what the bench reads from them."""
+    """Simulated agents ``first .. first + count - 1`` in this process (a fleet child process)."""
 
     agents: list[SimAgent] = field(default_factory=list)
     counters: list[AgentCounters] = field(default_factory=list)
-    reported: dict[str, int] = field(default_factory=dict)  # node -> applied revision last reported
+    reported: set[str] = field(default_factory=set)  # nodes that have written a report
+    first_reports: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     stores: list[EtcdStore] = field(default_factory=list)
-    news: asyncio.Event = field(default_factory=asyncio.Event)
 
     def on_report(self, node: str, applied: int) -> None:
-        self.reported[node] = applied
-        self.news.set()
+        self.reported.add(node)
+        if len(self.reported) == len(self.agents):
+            self.first_reports.set()
 
-    def events(self) -> int:
-        return sum(c.events for c in self.counters)
-
-    def reports(self) -> int:
-        return sum(c.reports for c in self.counters)
-
-    def min_reported(self) -> int:
-        """The lowest applied revision reported (-1 while some agent has not reported yet)."""
-        if len(self.reported) < len(self.agents):
-            return -1
-        return min(self.reported.values(), default=0)
-
-    async def wait_reported(self, revision: int, timeout: float) -> None:
-        """Until every agent has reported an applied revision >= ``revision``."""
-        deadline = time.monotonic() + timeout
-        while self.min_reported() < revision:
-            self.news.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                behind = sum(1 for a in self.agents if self.reported.get(a.config.node, 0) < revision)
-                raise TimeoutError(f"{behind} simulated agents did not report revision {revision}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.news.wait(), min(remaining, 1.0))
+    def totals(self) -> dict[str, Any]:
+        return {"events": [c.events for c in self.counters], "reports": sum(c.reports for c in self.counters)}
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -323,14 +330,14 @@ class Fleet:
                 await asyncio.wait_for(store.close(), 5)
 
 
-async def start_fleet(endpoint: str, prefix: str, nodes: int, channels: int, report_ttl: int) -> Fleet:
+async def start_fleet(endpoint: str, prefix: str, first: int, count: int, channels: int, report_ttl: int) -> Fleet:
     fleet = Fleet()
     for _ in range(channels):
         store = EtcdStore(EtcdConfig(endpoints=[endpoint], prefix=prefix))
         await store.connect()
         fleet.stores.append(store)
     metrics = AgentMetrics()  # one registry for all: the simulated agents do not serve /metrics
-    for i in range(nodes):
+    for i in range(first, first + count):
         counters = AgentCounters()
         sim_store = SimStore(fleet.stores[i % channels], counters, fleet.on_report)
         agent = SimAgent(node_name(i), sim_store, metrics, report_ttl)
@@ -340,6 +347,145 @@ async def start_fleet(endpoint: str, prefix: str, nodes: int, channels: int, rep
         if i % 50 == 49:
             await asyncio.sleep(0)  # let the first ones connect while the others are made
     return fleet
+
+
+async def fleet_child(spec: dict[str, Any]) -> None:
+    """A fleet child process: runs its agents; on stdin "counters" prints their counters as one JSON
+    line, "stop" (or end of input) stops. Prints "ready" once every agent has written a report."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s fleet %(name)s %(levelname)s %(message)s")
+    fleet = await start_fleet(spec["endpoint"], spec["prefix"], spec["first"], spec["count"], spec["channels"],
+                              spec["report_ttl"])
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await fleet.first_reports.wait()
+    print("ready", flush=True)
+    try:
+        while line := (await reader.readline()).decode().strip():
+            if line == "counters":
+                print(json.dumps(fleet.totals()), flush=True)
+            elif line == "stop":
+                break
+    finally:
+        await fleet.stop()
+
+
+class FleetProcess:
+    """One child process running simulated agents (so that their work, N watches each receiving
+    what etcd sends, does not delay this process's own observations)."""
+
+    def __init__(self, spec: dict[str, Any], log_path: Path) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        log_file = self.log_path.open("ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, THIS_FILE, "--fleet-child", json.dumps(self.spec),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file)
+        finally:
+            log_file.close()  # the child has its own copy
+
+    async def _line(self, timeout: float) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"fleet process exited (log: {self.log_path})")
+        return line.decode().strip()
+
+    async def ready(self, timeout: float) -> None:
+        if (line := await self._line(timeout)) != "ready":
+            raise RuntimeError(f"fleet process said {line!r}")
+
+    async def counters(self) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(b"counters\n")
+        await self.proc.stdin.drain()
+        result: dict[str, Any] = json.loads(await self._line(60))
+        return result
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(b"stop\n")
+            await self.proc.stdin.drain()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 20)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@dataclass
+class Fleets:
+    """The fleet processes, and every agent's applied revision as its reports show it (a watch of the
+    reports, as the controller's)."""
+
+    store: EtcdStore
+    nodes: int
+    procs: list[FleetProcess] = field(default_factory=list)
+    reported: dict[str, int] = field(default_factory=dict)  # node -> applied revision last reported
+    reported_at: float = 0.0  # time.monotonic() of the latest report
+    news: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    async def start(self, endpoint: str, prefix: str, procs: int, channels: int, report_ttl: int,
+                    workdir: Path, timeout: float) -> None:
+        reports = await self.store.read_reports()
+        self.task = asyncio.create_task(self._watch(reports.revision))
+        per = -(-self.nodes // procs)
+        for k, first in enumerate(range(0, self.nodes, per)):
+            spec = {"endpoint": endpoint, "prefix": prefix, "first": first, "count": min(per, self.nodes - first),
+                    "channels": max(1, channels // procs), "report_ttl": report_ttl}
+            proc = FleetProcess(spec, workdir / f"fleet-{prefix.strip('/').replace('/', '-')}-{k}.log")
+            await proc.start()
+            self.procs.append(proc)
+        for proc in self.procs:
+            await proc.ready(timeout)
+
+    async def _watch(self, after: int) -> None:
+        async for node, report in self.store.watch_reports(after_revision=after):
+            if report is not None:
+                self.reported[node] = int(report.get("appliedRevision") or 0)
+                self.reported_at = time.monotonic()
+                self.news.set()
+
+    async def counters(self) -> dict[str, Any]:
+        events: list[int] = []
+        reports = 0
+        for proc in self.procs:
+            got = await proc.counters()
+            events += got["events"]
+            reports += got["reports"]
+        return {"events": events, "reports": reports}
+
+    def min_reported(self) -> int:
+        """The lowest applied revision reported (-1 while some agent has not reported yet)."""
+        if len(self.reported) < self.nodes:
+            return -1
+        return min(self.reported.values(), default=0)
+
+    async def wait_reported(self, revision: int, timeout: float) -> None:
+        """Until every agent has reported an applied revision >= ``revision``."""
+        deadline = time.monotonic() + timeout
+        while self.min_reported() < revision:
+            self.news.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                behind = self.nodes - sum(1 for r in self.reported.values() if r >= revision)
+                raise TimeoutError(f"{behind} simulated agents did not report revision {revision}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.news.wait(), min(remaining, 1.0))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(proc.stop() for proc in self.procs), return_exceptions=True)
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
 
 
 # --- watching etcd and the API ------------------------------------------------------------------
@@ -501,11 +647,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-async def idle_rate(pid: int, seconds: float = 2.0) -> float:
-    """The controller's CPU seconds per second while nothing happens (its background work)."""
-    c0, t0 = cpu_seconds(pid), time.monotonic()
-    await asyncio.sleep(seconds)
-    return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+async def idle_rate(pid: int, samples: int = 4, seconds: float = 0.5) -> float:
+    """The controller's CPU seconds per second while nothing happens (its background work: the
+    least of a few short samples, so that a periodic burst is not taken for the idle rate)."""
+    rates = []
+    for _ in range(samples):
+        c0, t0 = cpu_seconds(pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        rates.append((cpu_seconds(pid) - c0) / (time.monotonic() - t0))
+    return min(rates)
 
 
 async def quiesce(pid: int, idle: float, timeout: float, window: float = 0.5) -> None:
@@ -554,6 +704,8 @@ class RoundResult:
     statuses_written_s: float | None = None  # first commit -> every policy's status written
     all_enforced_s: float | None = None  # first commit -> every status Enforced
     label_latencies: list[float] = field(default_factory=list)
+    label_commit: list[float] = field(default_factory=list)  # API write -> the commit seen (breakdown)
+    label_reported: list[float] = field(default_factory=list)  # API write -> every agent reported it
     label_noop: int = 0  # label changes that affected no policy (not in the latencies)
     create_latencies: list[float] = field(default_factory=list)
     commits: int = 0
@@ -562,6 +714,7 @@ class RoundResult:
     etcd_writes: int = 0  # puts/deletes under the prefix (reports included)
     reports: int = 0
     cpu_s: float = 0.0  # controller CPU over the label changes, less its idle rate
+    cpu_raw_s: float = 0.0  # the same, idle rate included
     idle_cpu_rate: float = 0.0
     status_writes: int = 0
     etcd_metrics: dict[str, float] = field(default_factory=dict)
@@ -582,6 +735,10 @@ class RoundResult:
             "label_changes": changes,
             "label_enforced_p50_s": round(pct(self.label_latencies, 0.5), 4),
             "label_enforced_p99_s": round(pct(self.label_latencies, 0.99), 4),
+            "label_commit_p50_s": round(pct(self.label_commit, 0.5), 4),
+            "label_commit_p99_s": round(pct(self.label_commit, 0.99), 4),
+            "label_all_reported_p50_s": round(pct(self.label_reported, 0.5), 4),
+            "label_all_reported_p99_s": round(pct(self.label_reported, 0.99), 4),
             "policy_creates": len(self.create_latencies),
             "policy_enforced_p50_s": round(pct(self.create_latencies, 0.5), 4) if self.create_latencies else None,
             "policy_enforced_p99_s": round(pct(self.create_latencies, 0.99), 4) if self.create_latencies else None,
@@ -595,6 +752,7 @@ class RoundResult:
             "controller_cpu_per_commit_s": round(self.per_commit(self.cpu_s), 4),
             "controller_cpu_per_report_change_s": round(self.cpu_s / self.reports, 6) if self.reports else 0.0,
             "controller_idle_cpu_rate": round(self.idle_cpu_rate, 4),
+            "controller_cpu_per_commit_raw_s": round(self.per_commit(self.cpu_raw_s), 4),
             "status_writes_per_change": round(self.status_writes / changes, 2) if changes else 0.0,
         }
 
@@ -664,7 +822,9 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
     statuses.start()
     await asyncio.wait_for(statuses.ready.wait(), 60)
     t_fleet = time.monotonic()
-    fleet = await start_fleet(cluster.netfence_etcd.endpoint, prefix, sizes.nodes, args.channels, args.report_ttl)
+    fleet = Fleets(store, sizes.nodes)
+    await fleet.start(cluster.netfence_etcd.endpoint, prefix, args.fleet_procs, args.channels, args.report_ttl,
+                      workdir, args.timeout)
     await fleet.wait_reported(0, args.timeout)  # every agent has its lease and a first report
     print(f"  [{mode} @ {policies} policies] {sizes.nodes} simulated agents reporting after "
           f"{time.monotonic() - t_fleet:.1f} s", flush=True)
@@ -696,10 +856,9 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
         gc.collect()
         gc.freeze()
         rng = random.Random(7 + policies)
-        keys = sorted(pods)
-        commits0, events0, writes0 = len(prefix_watch.commits), fleet.events(), prefix_watch.writes
-        reports0, status0 = fleet.reports(), statuses.writes
-        per_agent0 = [c.events for c in fleet.counters]
+        keys = sorted(key for key in pods if key[0] == PROBE_NAMESPACE)
+        counters0 = await fleet.counters()
+        commits0, writes0, status0 = len(prefix_watch.commits), prefix_watch.writes, statuses.writes
         etcd0 = await asyncio.to_thread(etcd_counters, cluster.netfence_etcd.metrics_port)
         cpu0, t_cpu0 = cpu_seconds(pid), time.monotonic()
         for _ in range(args.label_changes):
@@ -718,6 +877,8 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
             tracker.apply("pods", "MODIFIED", new_body)
             engine.drain_changes()
             affected = [cps_name(*p) for p in affected_policies(engine, commit.keys)]
+            result.label_commit.append(commit.seen - t0)
+            reported = asyncio.create_task(fleet.wait_reported(commit.revision, args.timeout))
             if affected:
                 t_done = await statuses.wait(
                     lambda a=affected, r=commit.revision: all(statuses.enforced_at(n, r) for n in a),
@@ -725,19 +886,22 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
                 result.label_latencies.append(t_done - t0)
             else:
                 result.label_noop += 1
-            await fleet.wait_reported(commit.revision, args.timeout)
+            await reported
+            result.label_reported.append(fleet.reported_at - t0)
             await asyncio.sleep(args.gap)
         await quiesce(pid, result.idle_cpu_rate, args.timeout)
         elapsed = time.monotonic() - t_cpu0
-        result.cpu_s = max(0.0, cpu_seconds(pid) - cpu0 - result.idle_cpu_rate * elapsed)
+        result.cpu_raw_s = cpu_seconds(pid) - cpu0
+        result.cpu_s = max(0.0, result.cpu_raw_s - result.idle_cpu_rate * elapsed)
         etcd1 = await asyncio.to_thread(etcd_counters, cluster.netfence_etcd.metrics_port)
         gc.unfreeze()
         result.commits = len(prefix_watch.commits) - commits0
-        result.events = fleet.events() - events0
-        result.max_agent_events = max((c.events - e for c, e in zip(fleet.counters, per_agent0, strict=True)),
-                                      default=0)
+        counters1 = await fleet.counters()
+        per_agent = [b - a for a, b in zip(counters0["events"], counters1["events"], strict=True)]
+        result.events = sum(per_agent)
+        result.max_agent_events = max(per_agent, default=0)
         result.etcd_writes = prefix_watch.writes - writes0
-        result.reports = fleet.reports() - reports0
+        result.reports = counters1["reports"] - counters0["reports"]
         result.status_writes = statuses.writes - status0
         result.etcd_metrics = {k: etcd1[k] - etcd0[k] for k in etcd1 if k in etcd0}
         s = result.summary()
@@ -749,8 +913,7 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
         # --- policy creates -------------------------------------------------------------------------
         created: list[dict[str, Any]] = []
         if creates:
-            bodies = policy_bodies(Sizes(namespaces=sizes.namespaces, pods=sizes.pods, policies=policies + creates,
-                                         nodes=sizes.nodes))[policies:]
+            bodies = scale_policy_bodies(sizes, policies, policies + creates)
             for body in bodies:
                 ns, pol = body["metadata"]["namespace"], body["metadata"]["name"]
                 index = len(prefix_watch.commits)
@@ -818,11 +981,15 @@ def print_table(rounds: list[RoundResult]) -> None:
         ("cold: statuses written s", "cold_start_statuses_written_s", "{}"),
         ("cold: all Enforced s", "cold_start_all_enforced_s", "{}"),
         ("label p50 ms", "label_enforced_p50_s", "ms"), ("label p99 ms", "label_enforced_p99_s", "ms"),
+        ("  of which commit p50 ms", "label_commit_p50_s", "ms"), ("  commit p99 ms", "label_commit_p99_s", "ms"),
+        ("  all reported p50 ms", "label_all_reported_p50_s", "ms"),
+        ("  all reported p99 ms", "label_all_reported_p99_s", "ms"),
         ("create p50 ms", "policy_enforced_p50_s", "ms"), ("create p99 ms", "policy_enforced_p99_s", "ms"),
         ("events/commit", "events_per_commit", "{}"), ("events/agent/commit", "events_per_agent_per_commit", "{}"),
         ("etcd writes/commit", "etcd_writes_per_commit", "{}"), ("reports/commit", "reports_per_commit", "{}"),
         ("ctl CPU ms/commit", "controller_cpu_per_commit_s", "ms"),
         ("ctl CPU us/report", "controller_cpu_per_report_change_s", "us"),
+        ("ctl CPU ms/commit (raw)", "controller_cpu_per_commit_raw_s", "ms"),
         ("CPS writes/change", "status_writes_per_change", "{}"),
     ]
     print()
@@ -922,6 +1089,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="baseline,new", help="'baseline' (pre-issue-11 status writer) and/or 'new'")
     p.add_argument("--gap", type=float, default=0.05, help="seconds between changes (after every agent reported)")
     p.add_argument("--channels", type=int, default=8, help="etcd connections shared by the simulated agents")
+    p.add_argument("--fleet-procs", type=int, default=1, help="processes running the simulated agents")
+    p.add_argument("--fleet-child", help=argparse.SUPPRESS)  # internal: run a fleet (JSON spec)
     p.add_argument("--report-ttl", type=int, default=10, help="lease TTL of the simulated agents' reports")
     p.add_argument("--concurrency", type=int, default=48, help="parallel API requests during setup")
     p.add_argument("--timeout", type=float, default=600.0, help="limit of every wait (s)")
@@ -935,6 +1104,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
+    if args.fleet_child:
+        asyncio.run(fleet_child(json.loads(args.fleet_child)))
+        return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = asyncio.run(main_async(args))
     if args.json is not None:

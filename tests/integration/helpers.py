@@ -14,6 +14,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from netfence.store.errors import StoreError
 from netfence.store.etcd import EtcdConfig, EtcdStore
+from netfence.store.settings import EtcdSettings
 from netfence.testbed.process import ManagedProcess
 
 T = TypeVar("T")
@@ -140,3 +141,17 @@ async def controller_probe(proc: ManagedProcess) -> dict[str, Any] | None:
         return probe if isinstance(probe, dict) else None
 
     return await asyncio.to_thread(get)
+
+
+async def first_answer(endpoint: str, prefix: str) -> float:
+    """Poll etcd with fresh connections; the monotonic time of its first answer."""
+    while True:
+        store = EtcdStore(EtcdSettings([endpoint], prefix, timeout=0.3))
+        try:
+            await store.connect()
+            return time.monotonic()
+        except StoreError:
+            pass
+        finally:
+            await store.close()
+        await asyncio.sleep(0.02)

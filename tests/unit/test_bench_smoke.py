@@ -77,6 +77,10 @@ def test_scale_bench_helpers() -> None:
         ip = status["status"]["podIP"]
         assert ipaddress.ip_address(ip) in scale.node_cidr(node)  # its node's CIDR
     assert len({s["status"]["podIP"] for _, s in bodies}) == 30
+    policies = scale.scale_policy_bodies(sizes, 0, 12)
+    assert [p["metadata"]["namespace"] for p in policies[:5]] == [scale.PROBE_NAMESPACE] * 5
+    assert all(p["metadata"]["namespace"] != scale.PROBE_NAMESPACE for p in policies[5:])
+    assert policies[7] == scale.scale_policy_bodies(sizes, 7, 8)[0]  # the same at every count
     text = ('# TYPE etcd_debugging_mvcc_events_total counter\netcd_debugging_mvcc_events_total 12\n'
             'etcd_mvcc_put_total{a="1"} 3\netcd_mvcc_put_total{a="2"} 4\nother_total 9\n')
     assert scale.parse_counters(text) == {"etcd_debugging_mvcc_events_total": 12.0, "etcd_mvcc_put_total": 7.0}

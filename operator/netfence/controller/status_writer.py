@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -117,6 +118,9 @@ class StatusWriter:
         self.mark_all_on_report = mark_all_on_report
         self.index = SyncIndex()  # per node: policies it must enforce, unsynced ones by revision
         self.evaluations = 0  # statuses computed (for tests and benchmarks)
+        # The model's warnings per policy, kept until the policy is marked (they cost O(pods) for
+        # ipBlock rules; a report change does not change them).
+        self._warnings: dict[PolicyKey, tuple[str, ...]] = {}
         self.reports: dict[str, NodeReport] = {}
         self.written: dict[str, dict[str, Any]] = {}  # name -> status without times
         self.full_status: dict[str, dict[str, Any]] = {}
@@ -139,10 +143,21 @@ class StatusWriter:
 
     def mark_all(self) -> None:
         self._dirty.update(self.world.policies)
+        self._warnings.clear()
         self._check_orphans = True
         self._wake.set()
 
     def mark(self, keys: Iterable[PolicyKey]) -> None:
+        """Something about these policies changed in the model (a commit, an event): compute
+        their status, warnings included."""
+        keys = set(keys)
+        for key in keys:
+            self._warnings.pop(key, None)
+        self._mark_flipped(keys)
+
+    def _mark_flipped(self, keys: Iterable[PolicyKey]) -> None:
+        """A report changed these policies' state on a node: compute their status (the model,
+        and so their warnings, did not change)."""
         before = len(self._dirty)
         self._dirty.update(keys)
         if len(self._dirty) != before:
@@ -184,8 +199,8 @@ class StatusWriter:
         change = report_change(old, report)
         covered = self.index.advance(node, None if report is None else report.applied_revision)
         if change is ReportChange.ALL:
-            self.mark(self.index.required_on(node))
-        self.mark(covered)
+            self._mark_flipped(self.index.required_on(node))
+        self._mark_flipped(covered)
 
     def replace_reports(self, reports: dict[str, NodeReport]) -> None:
         """All node reports as read afresh (after a watch failure): reports that
@@ -265,6 +280,7 @@ class StatusWriter:
                 meta = self.world.policies.get(key)
                 if meta is None:
                     self.index.remove(key)
+                    self._warnings.pop(key, None)
                     if name in self.existing:
                         self._deleting.add(name)  # gone without policies_removed: the next pass deletes it
                         self._wake.set()
@@ -406,7 +422,14 @@ class StatusWriter:
             log.warning("posting event %s about %s failed: %s", reason, involved.get("name"), api_error_text(exc))
 
     def facts(self, meta: PolicyMeta, bad_keys: tuple[BadKeyHit, ...] = ()) -> PolicyFacts:
-        view = self.engine.policy_view(meta.namespace, meta.name)
+        key = (meta.namespace, meta.name)
+        cached = self._warnings.get(key)
+        view = self.engine.policy_view(meta.namespace, meta.name, with_warnings=cached is None)
+        if view is not None:
+            if cached is None:
+                self._warnings[key] = view.warnings
+            else:
+                view = dataclasses.replace(view, warnings=cached)
         warnings: list[str] = []
         error = self.world.policy_errors.get((meta.namespace, meta.name))
         if error:

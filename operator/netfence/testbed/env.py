@@ -29,15 +29,19 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from netfence.testbed.cluster import LocalCluster
+from netfence.testbed.etcd_server import EtcdServer
 from netfence.testbed.fabric import Fabric
 from netfence.testbed.kubelet import Kubelet
 from netfence.testbed.process import ManagedProcess, free_port
+
+if TYPE_CHECKING:
+    from netfence.store.settings import EtcdSettings
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,17 @@ class AgentProc:
     metrics_port: int = 0  # its Prometheus /metrics on 127.0.0.1 (docs/metrics.md)
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """Client TLS of the processes towards Netfence's etcd: the files (e.g. in a
+    ``testbed.etcd_tls.SecretVolume``) and how often they are re-read."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    reload_seconds: float = 30.0
+
+
 @dataclass
 class NetfenceEnv:
     cluster: LocalCluster
@@ -69,6 +84,10 @@ class NetfenceEnv:
     lease_ttl: int = 3
     agent_extra_args: tuple[str, ...] = ()
     controller_extra_args: tuple[str, ...] = ()
+    # Netfence's etcd: the cluster's unless given (e.g. a ``testbed.etcd_tls.TlsEtcdServer``);
+    # ``etcd_tls``: the client certificate files the processes and the barrier use.
+    etcd: EtcdServer | None = None
+    etcd_tls: EtcdTls | None = None
     fabric: Fabric | None = None
     kubelet: Kubelet | None = None
     api: client.ApiClient | None = None
@@ -120,8 +139,27 @@ class NetfenceEnv:
     def _python(self) -> list[str]:
         return [sys.executable, "-m"]
 
+    @property
+    def etcd_endpoint(self) -> str:
+        return (self.etcd or self.cluster.netfence_etcd).endpoint
+
     def etcd_args(self) -> list[str]:
-        return [f"--etcd-endpoints={self.cluster.netfence_etcd.endpoint}", f"--etcd-prefix={self.prefix}"]
+        args = [f"--etcd-endpoints={self.etcd_endpoint}", f"--etcd-prefix={self.prefix}"]
+        if self.etcd_tls is not None:
+            tls = self.etcd_tls
+            args += [f"--etcd-ca={tls.ca}", f"--etcd-cert={tls.cert}", f"--etcd-key={tls.key}",
+                     f"--etcd-cert-reload-seconds={tls.reload_seconds}"]
+        return args
+
+    def etcd_settings(self) -> EtcdSettings:
+        """``EtcdSettings`` of a client of this env's etcd and prefix (with its TLS files, if any)."""
+        from netfence.store.settings import EtcdSettings
+
+        tls = self.etcd_tls
+        if tls is None:
+            return EtcdSettings(endpoints=[self.etcd_endpoint], prefix=self.prefix)
+        return EtcdSettings(endpoints=[self.etcd_endpoint], prefix=self.prefix, ca_file=tls.ca,
+                            cert_file=tls.cert, key_file=tls.key)
 
     def start_controller(self, identity: str, extra: tuple[str, ...] = ()) -> ManagedProcess:
         metrics_port = free_port()
@@ -176,9 +214,9 @@ class NetfenceEnv:
     # --- the enforcement barrier -----------------------------------------------------
 
     async def _etcd_reader(self) -> Any:
-        from netfence.store.etcd import EtcdSettings, EtcdStore
+        from netfence.store.etcd import EtcdStore
 
-        store = EtcdStore(EtcdSettings(endpoints=[self.cluster.netfence_etcd.endpoint], prefix=self.prefix))
+        store = EtcdStore(self.etcd_settings())
         await store.connect()
         return store
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from netfence.testbed.etcd_server import EtcdServer
-from netfence.testbed.pki import PkiError
+from netfence.testbed.pki import new_ec_key
+from netfence.testbed.pki import openssl as _openssl
 
 _CLIENT_EXTENSIONS = (
     "basicConstraints = critical, CA:FALSE",
@@ -34,18 +34,8 @@ _CLIENT_EXTENSIONS = (
 _counter = itertools.count()
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    exe = shutil.which("openssl")
-    if exe is None:
-        raise PkiError("the openssl command is missing; install OpenSSL (e.g. apt-get install openssl)")
-    result = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise PkiError(f"openssl {args[0]} failed: {last}")
-
-
 def _new_key(path: Path, cwd: Path) -> None:
-    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(path), cwd=cwd)
+    new_ec_key(path, cwd)
     path.chmod(0o600)
 
 

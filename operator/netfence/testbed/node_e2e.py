@@ -83,15 +83,16 @@ results = queue.Queue()
 def probe(ip, port, proto):
     try:
         if proto == "tcp":
-            with socket.create_connection((ip, int(port)), timeout=0.3) as c:
-                return c.recv(2) == b"ok"
+            with socket.create_connection((ip, int(port)), timeout=1.0) as c:
+                return c.recv(2) == b"ok", ""
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.settimeout(0.3); u.sendto(b"x", (ip, int(port))); return u.recv(2) == b"ok"
-    except OSError:
-        return False
+            u.settimeout(1.0); u.sendto(b"x", (ip, int(port))); return u.recv(2) == b"ok", ""
+    except OSError as exc:
+        return False, type(exc).__name__
 def one(name, spec, t):
     hostport, proto = spec.split("/"); ip, port = hostport.split(":")
-    results.put(json.dumps({"t": t, "target": name, "allow": probe(ip, port, proto)}))
+    ok, err = probe(ip, port, proto)
+    results.put(json.dumps({"t": t, "target": name, "allow": ok, "err": err, "s": round(time.time() - t, 3)}))
 def ticker():
     due = time.monotonic()
     while True:
@@ -293,19 +294,24 @@ class E2E:
             self.k("-n", ns, "wait", "--for=condition=Ready", "pod/prober", "--timeout=120s", timeout=150)
         return "2 probers"
 
-    def prober_results(self, since: float) -> tuple[int, int]:
+    def prober_results(self, since: float, until: float) -> tuple[int, list[str]]:
+        """Probes started between ``since`` and ``until``: how many, and the wrong ones (when,
+        which, how it failed). The probers' verdicts never change: the policy changed
+        mid-rollout does not concern their pairs."""
         want = {("nf-a", "b-tcp"): True, ("nf-a", "b-udp"): False, ("nf-a", "a-udp"): True,
                 ("nf-c", "b-tcp"): False}
-        total = wrong = 0
+        total = 0
+        wrong: list[str] = []
         for ns in ("nf-a", "nf-c"):
             for line in self.k("-n", ns, "logs", "prober").splitlines():
                 with_t = json.loads(line)
-                if with_t["t"] < since:
+                if not since <= with_t["t"] <= until:
                     continue
                 total += 1
                 if want[(ns, with_t["target"])] != with_t["allow"]:
-                    wrong += 1
-        return total, wrong
+                    wrong.append(f"+{with_t['t'] - since:.1f}s {ns} {with_t['target']} allow={with_t['allow']} "
+                                 f"{with_t.get('err', '')} after {with_t.get('s', '?')}s")
+        return total, sorted(wrong)
 
     def versions(self) -> tuple[set[str], set[str]]:
         """The version every agent reports on its health endpoint, and the Netfence
@@ -339,19 +345,23 @@ class E2E:
         self.k("-n", NAMESPACE, "rollout", "status", f"daemonset/{RELEASE}-agent", "--timeout=300s", timeout=320)
         self.k("-n", NAMESPACE, "rollout", "status", f"deployment/{RELEASE}-controller", "--timeout=300s",
                timeout=320)
-        time.sleep(1)  # let the probers' last round land in their logs
-        total, wrong = self.prober_results(since)
-        self.report.facts[f"{what} rollout probes"] = f"{total} checked, {wrong} wrong"
+        ended = time.time()
+        time.sleep(1.5)  # let the probers' last probes (1 s timeout) land in their logs
+        try:
+            self.wait_enforced(len(POLICIES) + 1)
+            self.expect(self.enforcement_cases(mid=True))
+            versions = self.check_version(version)
+        finally:  # the next step starts from the installed policies whatever failed here
+            self.k("delete", "-f", "-", input=yaml.safe_dump(MID_ROLLOUT_POLICY))
+            self.wait_enforced(len(POLICIES))
+            # no status says when a deleted policy's rules are gone from the node: bounded retries
+            self.expect_within(self.enforcement_cases(mid=False), timeout=30)
+        total, wrong = self.prober_results(since, ended)
+        self.report.facts[f"{what} rollout ({ended - since:.0f}s) probes"] = f"{total} checked, {len(wrong)} wrong"
         self.probes_checked += total
         if total == 0 or wrong:
-            raise RuntimeError(f"{total} probes, {wrong} wrong")
-        self.wait_enforced(len(POLICIES) + 1)
-        self.expect(self.enforcement_cases(mid=True))
-        self.k("delete", "-f", "-", input=yaml.safe_dump(MID_ROLLOUT_POLICY))
-        self.wait_enforced(len(POLICIES))
-        # no status says when a deleted policy's rules are gone from the node: bounded retries
-        self.expect_within(self.enforcement_cases(mid=False), timeout=30)
-        return f"{total} probes, 0 wrong; mid-rollout policy enforced after it; {self.check_version(version)}"
+            raise RuntimeError(f"{total} probes, {len(wrong)} wrong: " + "; ".join(wrong[:12]))
+        return f"{total} probes, 0 wrong; mid-rollout policy enforced after it; {versions}"
 
     def uninstall(self) -> str:
         """docs/install.md "Uninstall": the CRD is kept and the rules stay as last programmed

@@ -82,7 +82,8 @@ class Pki:
         ]
 
 
-def _openssl(*args: str, cwd: Path) -> None:
+def openssl(*args: str, cwd: Path) -> None:
+    """Run the openssl command in ``cwd``; a failure is one PkiError line."""
     exe = shutil.which("openssl")
     if exe is None:
         raise PkiError("the openssl command is missing; install OpenSSL (e.g. apt-get install openssl)")
@@ -92,8 +93,8 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise PkiError(f"openssl {args[0]} failed: {last}; check the OpenSSL installation")
 
 
-def _new_ec_key(path: Path, cwd: Path) -> None:
-    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(path), cwd=cwd)
+def new_ec_key(path: Path, cwd: Path) -> None:
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(path), cwd=cwd)
 
 
 def _sign(
@@ -103,10 +104,10 @@ def _sign(
     key = pki.dir / f"{name}.key"
     csr = pki.dir / f"{name}.csr"
     ext = pki.dir / f"{name}.ext"
-    _new_ec_key(key, pki.dir)
-    _openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr), cwd=pki.dir)
+    new_ec_key(key, pki.dir)
+    openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr), cwd=pki.dir)
     ext.write_text("[v3]\n" + "\n".join(extensions) + "\n")
-    _openssl(
+    openssl(
         "x509", "-req", "-in", str(csr), "-CA", str(pki.ca_cert), "-CAkey", str(pki.ca_key),
         "-CAcreateserial", "-days", str(days), "-sha256",
         "-extfile", str(ext), "-extensions", "v3", "-out", str(pki.dir / f"{name}.crt"),
@@ -136,8 +137,8 @@ def generate_pki(
         "keyUsage = critical, keyCertSign, cRLSign, digitalSignature\n"
         "subjectKeyIdentifier = hash\n"
     )
-    _new_ec_key(pki.ca_key, directory)
-    _openssl(
+    new_ec_key(pki.ca_key, directory)
+    openssl(
         "req", "-x509", "-new", "-key", str(pki.ca_key), "-config", str(ca_conf), "-days", str(days),
         "-sha256", "-out", str(pki.ca_cert), cwd=directory,
     )
@@ -167,9 +168,9 @@ def generate_pki(
         ],
         days,
     )
-    _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(pki.sa_key),
+    openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(pki.sa_key),
              cwd=directory)
-    _openssl("pkey", "-in", str(pki.sa_key), "-pubout", "-out", str(pki.sa_pub), cwd=directory)
+    openssl("pkey", "-in", str(pki.sa_key), "-pubout", "-out", str(pki.sa_pub), cwd=directory)
     for path in pki.files():
         if path.name.endswith(".key"):
             path.chmod(0o600)

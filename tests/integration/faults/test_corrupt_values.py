@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import signal
 import time
@@ -37,10 +36,11 @@ from tests.integration.enforcement_helpers import (
     ProbeTally,
     World,
     agent_health,
-    build_world,
     chain_rules,
     in_netns,
+    namespace_of_test,
     report_revision,
+    running_world,
     store_of,
     wait_agent_serving,
 )
@@ -65,15 +65,8 @@ GARBAGE = b"{this is not json"
 async def world(cluster: LocalCluster, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[World]:
     env = NetfenceEnv(cluster, tmp_path / "env", nodes=2, resync_seconds=2.0, report_ttl=4,
                       controller_extra_args=(f"--coalesce-ms={COALESCE * 1000:.0f}",))
-    ns = "cv-" + hashlib.sha256(request.node.name.encode()).hexdigest()[:8]
-    await env.start()
-    try:
-        yield await build_world(env, ns)
-    finally:
-        try:
-            await env.delete_user_state()
-        finally:
-            await env.close()
+    async for world in running_world(env, namespace_of_test("cv", request)):
+        yield world
 
 
 @pytest.fixture

@@ -38,11 +38,8 @@ from tests.integration.enforcement_helpers import (
     manifest,
     store_of,
 )
-from tests.integration.helpers import eventually
+from tests.integration.helpers import eventually, first_answer
 
-from netfence.store.errors import StoreError
-from netfence.store.etcd import EtcdStore
-from netfence.store.settings import EtcdSettings
 from netfence.testbed.cluster import LocalCluster
 from netfence.testbed.env import NetfenceEnv
 from netfence.testbed.probe import Probe
@@ -66,20 +63,6 @@ async def world(cluster: LocalCluster, tmp_path: Path, request: pytest.FixtureRe
             await env.delete_user_state()
         finally:
             await env.close()
-
-
-async def first_answer(endpoint: str, prefix: str) -> float:
-    """Poll etcd with fresh connections; the monotonic time of its first answer."""
-    while True:
-        store = EtcdStore(EtcdSettings([endpoint], prefix, timeout=0.3))
-        try:
-            await store.connect()
-            return time.monotonic()
-        except StoreError:
-            pass
-        finally:
-            await store.close()
-        await asyncio.sleep(0.02)
 
 
 def bad_reaches_good(world: World, timeout: float = 0.2) -> bool:

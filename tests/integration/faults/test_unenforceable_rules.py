@@ -36,10 +36,11 @@ from tests.integration.enforcement_helpers import (
     ProbeLoop,
     ProbeTally,
     World,
-    build_world,
     cps,
     drop_packets,
     manifest,
+    namespace_of_test,
+    running_world,
     store_of,
 )
 from tests.integration.helpers import eventually
@@ -57,15 +58,8 @@ _source_ports = itertools.count(41000)
 async def world(cluster: LocalCluster, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[World]:
     env = NetfenceEnv(cluster, tmp_path / "env", nodes=2, report_ttl=4,
                       agent_extra_args=(f"--disable-features={FEATURE}",))
-    ns = "ur-" + hashlib.sha256(request.node.name.encode()).hexdigest()[:8]
-    await env.start()
-    try:
-        yield await build_world(env, ns)
-    finally:
-        try:
-            await env.delete_user_state()
-        finally:
-            await env.close()
+    async for world in running_world(env, namespace_of_test("ur", request)):
+        yield world
 
 
 # --- raw SCTP ----------------------------------------------------------------------------------

@@ -6,10 +6,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from tests.integration.helpers import first_answer
+
 from netfence.store import layout as L
 from netfence.store.errors import StoreError
 from netfence.store.etcd import EtcdStore
-from netfence.store.settings import EtcdSettings
 from netfence.store.tasks import cancel_and_wait
 from netfence.testbed.etcd_server import EtcdServer
 
@@ -18,20 +19,6 @@ MakeStore = Callable[..., Awaitable[EtcdStore]]
 # gRPC's default reconnect backoff after 20 s of failures has grown to ~6-10 s
 # per attempt; with the store's options the channel retries at most ~1.2 s apart.
 OUTAGE = 20.0
-
-
-async def first_answer(endpoint: str, prefix: str) -> float:
-    """Poll with fresh connections; the monotonic time of etcd's first answer."""
-    while True:
-        store = EtcdStore(EtcdSettings([endpoint], prefix, timeout=0.3))
-        try:
-            await store.connect()
-            return time.monotonic()
-        except StoreError:
-            pass
-        finally:
-            await store.close()
-        await asyncio.sleep(0.02)
 
 
 async def write_retrying(store: EtcdStore, changes: dict[str, bytes | None]) -> int:

@@ -115,6 +115,30 @@ async def test_a_commit_moving_a_pod_keeps_the_index_current() -> None:
     assert phase(kube, "u0.other0") == "Enforced"
 
 
+async def test_warnings_are_recomputed_only_when_the_model_changes() -> None:
+    """Warnings cost O(pods) (ipBlock rules): a report change reuses them, a commit recomputes them."""
+    world, revisions = build_world(3)
+    writer, _ = make_writer(world, revisions)
+    asked: list[bool] = []
+    original = world.engine.policy_view
+
+    def counting(namespace: str, name: str, *, with_warnings: bool = True) -> Any:
+        asked.append(with_warnings)
+        return original(namespace, name, with_warnings=with_warnings)
+
+    world.engine.policy_view = counting  # type: ignore[method-assign]
+    writer.set_report(NODE, NodeReport(NODE, 4))
+    await writer.flush()
+    assert asked and all(asked)  # first computation: with warnings
+    asked.clear()
+    assert await evaluations_for(writer, NODE, NodeReport(NODE, 5)) == CONCERNED
+    assert asked == [False] * CONCERNED
+    asked.clear()
+    writer.on_commit(6, {"policies/ns/mine0"})
+    await writer.flush()
+    assert asked == [True]
+
+
 # --- bounded concurrency -------------------------------------------------------------------
 
 
