@@ -172,7 +172,7 @@ def test_clusterpolicystatus_with_status_subresource(cluster: LocalCluster) -> N
             "revision": 42, "observedGeneration": 1,
             "nodes": [{"name": "node-0", "synced": True, "appliedRevision": 42},
                       {"name": "node-1", "synced": False, "appliedRevision": 40, "message": "applying"}],
-            "conditions": [{"type": "Enforced", "status": "False", "reason": "NodesPending",
+            "conditions": [{"type": "Ready", "status": "False", "reason": "WaitingForNodes",
                             "message": "1 of 2 nodes synced", "lastTransitionTime": "2026-01-01T00:00:00Z",
                             "observedGeneration": 1}],
             "warnings": ["named port 'http' matches no pod"],
@@ -186,7 +186,9 @@ def test_clusterpolicystatus_with_status_subresource(cluster: LocalCluster) -> N
         assert table[0].split() == ["NAME", "POLICY", "PHASE", "SYNCED", "ENDPOINTS", "AGE"]
         assert table[1].split()[:5] == [name, "cp-ns/allow-web", "Pending", "1/2", "3"]
         wide = cluster.kubectl("get", "policystatus", "-o", "wide").stdout.splitlines()
-        assert "REVISION" in wide[0].split() and "42" in wide[1].split()
+        # -o wide adds the Ready condition's reason and message (not an internal revision).
+        assert wide[0].split()[-2:] == ["REASON", "MESSAGE"] and "REVISION" not in wide[0].split()
+        assert wide[1].split()[-6:] == ["WaitingForNodes", "1", "of", "2", "nodes", "synced"]
 
         bad = cluster.kubectl("patch", "cps", name, "--subresource=status", "--type=merge",
                               "-p", '{"status": {"phase": "Bogus"}}', check=False)

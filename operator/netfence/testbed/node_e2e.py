@@ -203,6 +203,11 @@ class E2E:
         return "helm install --wait"
 
     def pods_ready(self) -> str:
+        # helm --wait counts a DaemonSet ready at desired - maxUnavailable (0 of 1 on one node):
+        # wait for the rollouts themselves, bounded, before judging the pods.
+        for kind, part in (("statefulset", "etcd"), ("deployment", "controller"), ("daemonset", "agent")):
+            workload = f"{kind}/{RELEASE}-{part}"
+            self.k("-n", NAMESPACE, "rollout", "status", workload, "--timeout=120s", timeout=150)
         pods = json.loads(self.k("-n", NAMESPACE, "get", "pods", "-o", "json"))["items"]
         not_ready = [p["metadata"]["name"] for p in pods
                      if not any(c["type"] == "Ready" and c["status"] == "True"
