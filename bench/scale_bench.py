@@ -63,11 +63,13 @@ import os
 import random
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -104,6 +106,7 @@ GOAL_COLD_STATUS = 5.0  # seconds to write every status of 1,000 policies after 
 NODE_BLOCK = 4096  # addresses per node CIDR (/20): 10.1.0.0/20, 10.1.16.0/20, ...
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 THIS_FILE = str(Path(__file__).resolve())
+QUIET_TIMEOUT = 30.0  # seconds to wait for the controller to go quiet around a measured change
 
 
 # --- the world ---------------------------------------------------------------------------------
@@ -429,6 +432,7 @@ class Fleets:
     procs: list[FleetProcess] = field(default_factory=list)
     reported: dict[str, int] = field(default_factory=dict)  # node -> applied revision last reported
     reported_at: float = 0.0  # time.monotonic() of the latest report
+    report_events: int = 0  # report changes seen (as the controller sees them)
     news: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -448,6 +452,7 @@ class Fleets:
 
     async def _watch(self, after: int) -> None:
         async for node, report in self.store.watch_reports(after_revision=after):
+            self.report_events += 1
             if report is not None:
                 self.reported[node] = int(report.get("appliedRevision") or 0)
                 self.reported_at = time.monotonic()
@@ -566,9 +571,28 @@ class StatusWatch:
     news: asyncio.Event = field(default_factory=asyncio.Event)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    last: dict[str, Any] = field(default_factory=dict)  # name -> the object as last seen
+    what: Counter[str] = field(default_factory=Counter)  # what each write changed (for the report)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run())
+
+    def _note(self, kind: str, name: str, obj: Mapping[str, Any]) -> None:
+        """Count what a write changed: created, deleted, spec, or the status fields that differ."""
+        before = self.last.get(name)
+        if kind == "DELETED":
+            self.what["deleted"] += 1
+        elif before is None:
+            self.what["created"] += 1
+        else:
+            old, new = before.get("status") or {}, obj.get("status") or {}
+            fields = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            changed = "spec" if before.get("spec") != obj.get("spec") else ""
+            self.what[changed or ("status: " + ",".join(fields) if fields else "nothing visible")] += 1
+        if kind == "DELETED":
+            self.last.pop(name, None)
+        else:
+            self.last[name] = obj
 
     def _set(self, name: str, obj: Mapping[str, Any] | None) -> None:
         status = (obj or {}).get("status") or {}
@@ -599,8 +623,10 @@ class StatusWatch:
         listing = await custom.list_cluster_custom_object(CPS_GROUP, CPS_VERSION, CPS_PLURAL)
         for name in list(self.phase):
             self._set(name, None)
+        self.last.clear()
         for item in listing["items"]:
             self._set(item["metadata"]["name"], item)
+            self.last[item["metadata"]["name"]] = item
         self.ready.set()
         self.news.set()
         stream = watch.Watch().stream(custom.list_cluster_custom_object, CPS_GROUP, CPS_VERSION, CPS_PLURAL,
@@ -612,6 +638,7 @@ class StatusWatch:
                 if event["type"] not in ("ADDED", "MODIFIED", "DELETED"):
                     raise RuntimeError(f"watch event {event['type']}: {obj}")
                 self.writes += 1
+                self._note(event["type"], obj["metadata"]["name"], obj)
                 self._set(obj["metadata"]["name"], None if event["type"] == "DELETED" else obj)
                 self.news.set()
 
@@ -647,7 +674,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-async def idle_rate(pid: int, samples: int = 4, seconds: float = 0.5) -> float:
+async def idle_rate(pid: int, samples: int = 6, seconds: float = 0.5) -> float:
     """The controller's CPU seconds per second while nothing happens (its background work: the
     least of a few short samples, so that a periodic burst is not taken for the idle rate)."""
     rates = []
@@ -658,14 +685,18 @@ async def idle_rate(pid: int, samples: int = 4, seconds: float = 0.5) -> float:
     return min(rates)
 
 
-async def quiesce(pid: int, idle: float, timeout: float, window: float = 0.5) -> None:
-    """Until the controller's CPU use is back near its idle rate for two windows in a row."""
+async def quiesce(pid: int, idle: float, timeout: float, window: float = 0.25) -> bool:
+    """Until the controller's CPU use is back at its idle rate (within 2 % of a core) for two windows
+    in a row; False if it was not within ``timeout``."""
     deadline = time.monotonic() + timeout
     calm = 0
-    while calm < 2 and time.monotonic() < deadline:
+    while calm < 2:
+        if time.monotonic() >= deadline:
+            return False
         c0 = cpu_seconds(pid)
         await asyncio.sleep(window)
-        calm = calm + 1 if cpu_seconds(pid) - c0 <= idle * window + 0.02 else 0
+        calm = calm + 1 if cpu_seconds(pid) - c0 <= (idle + 0.02) * window else 0
+    return True
 
 
 METRIC_LINE = re.compile(r"^(?P<name>[a-z_]+)(?:\{[^}]*\})? (?P<value>[0-9.e+-]+)$")
@@ -713,8 +744,10 @@ class RoundResult:
     max_agent_events: int = 0
     etcd_writes: int = 0  # puts/deletes under the prefix (reports included)
     reports: int = 0
-    cpu_s: float = 0.0  # controller CPU over the label changes, less its idle rate
-    cpu_raw_s: float = 0.0  # the same, idle rate included
+    change_cpu: list[float] = field(default_factory=list)  # controller CPU per label change, less its idle rate
+    change_reports: list[int] = field(default_factory=list)  # report changes per label change
+    not_quiet: int = 0  # label changes whose CPU window did not end quiet (within 30 s)
+    status_write_kinds: dict[str, int] = field(default_factory=dict)  # what the writes changed (top 6)
     idle_cpu_rate: float = 0.0
     status_writes: int = 0
     etcd_metrics: dict[str, float] = field(default_factory=dict)
@@ -749,11 +782,14 @@ class RoundResult:
             "etcd_writes_per_commit": round(self.per_commit(self.etcd_writes), 1),
             "reports_per_commit": round(self.per_commit(self.reports), 1),
             "etcd_metrics_per_commit": {k: round(self.per_commit(v), 1) for k, v in self.etcd_metrics.items()},
-            "controller_cpu_per_commit_s": round(self.per_commit(self.cpu_s), 4),
-            "controller_cpu_per_report_change_s": round(self.cpu_s / self.reports, 6) if self.reports else 0.0,
+            "controller_cpu_per_commit_s": round(median(self.change_cpu), 4),
+            "controller_cpu_per_report_change_s": round(median(
+                [c / r for c, r in zip(self.change_cpu, self.change_reports, strict=True) if r]), 6),
+            "controller_cpu_per_commit_max_s": round(max(self.change_cpu, default=0.0), 4),
             "controller_idle_cpu_rate": round(self.idle_cpu_rate, 4),
-            "controller_cpu_per_commit_raw_s": round(self.per_commit(self.cpu_raw_s), 4),
+            "cpu_windows_not_quiet": self.not_quiet,
             "status_writes_per_change": round(self.status_writes / changes, 2) if changes else 0.0,
+            "status_writes_changed": self.status_write_kinds,
         }
 
 
@@ -848,9 +884,7 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
               f"spawn; statuses written {fmt_s(result.statuses_written_s)}, all Enforced "
               f"{fmt_s(result.all_enforced_s)} after it", flush=True)
         await fleet.wait_reported(prefix_watch.commits[-1].revision, args.timeout)
-        result.idle_cpu_rate = await idle_rate(pid)
-        await quiesce(pid, result.idle_cpu_rate, args.timeout)
-        result.idle_cpu_rate = await idle_rate(pid)
+        result.idle_cpu_rate = await idle_rate(pid)  # the least of a few samples: its background work
 
         # --- pod label changes: latency, fan-out, CPU, status writes ------------------------------
         gc.collect()
@@ -858,10 +892,13 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
         rng = random.Random(7 + policies)
         keys = sorted(key for key in pods if key[0] == PROBE_NAMESPACE)
         counters0 = await fleet.counters()
+        statuses.what.clear()
         commits0, writes0, status0 = len(prefix_watch.commits), prefix_watch.writes, statuses.writes
         etcd0 = await asyncio.to_thread(etcd_counters, cluster.netfence_etcd.metrics_port)
-        cpu0, t_cpu0 = cpu_seconds(pid), time.monotonic()
         for _ in range(args.label_changes):
+            # Each change starts and ends with the controller quiet: its CPU is this change's work.
+            await quiesce(pid, result.idle_cpu_rate, QUIET_TIMEOUT)
+            reports0, cpu0, t_cpu0 = fleet.report_events, cpu_seconds(pid), time.monotonic()
             ns, pod_name = rng.choice(keys)
             body = pods[(ns, pod_name)]
             patch = flip_track(body["metadata"]["labels"])
@@ -888,11 +925,11 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
                 result.label_noop += 1
             await reported
             result.label_reported.append(fleet.reported_at - t0)
+            result.not_quiet += not await quiesce(pid, result.idle_cpu_rate, QUIET_TIMEOUT)
+            spent = cpu_seconds(pid) - cpu0 - result.idle_cpu_rate * (time.monotonic() - t_cpu0)
+            result.change_cpu.append(max(spent, 0.0))
+            result.change_reports.append(fleet.report_events - reports0)
             await asyncio.sleep(args.gap)
-        await quiesce(pid, result.idle_cpu_rate, args.timeout)
-        elapsed = time.monotonic() - t_cpu0
-        result.cpu_raw_s = cpu_seconds(pid) - cpu0
-        result.cpu_s = max(0.0, result.cpu_raw_s - result.idle_cpu_rate * elapsed)
         etcd1 = await asyncio.to_thread(etcd_counters, cluster.netfence_etcd.metrics_port)
         gc.unfreeze()
         result.commits = len(prefix_watch.commits) - commits0
@@ -903,6 +940,7 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
         result.etcd_writes = prefix_watch.writes - writes0
         result.reports = counters1["reports"] - counters0["reports"]
         result.status_writes = statuses.writes - status0
+        result.status_write_kinds = dict(statuses.what.most_common(6))
         result.etcd_metrics = {k: etcd1[k] - etcd0[k] for k in etcd1 if k in etcd0}
         s = result.summary()
         print(f"  [{mode} @ {policies} policies] {s['label_changes']} label changes: Enforced p50 "
@@ -947,6 +985,10 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
     return result
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
 def fmt_s(value: float | None) -> str:
     return "not within the timeout" if value is None else f"{value:.2f} s"
 
@@ -989,7 +1031,7 @@ def print_table(rounds: list[RoundResult]) -> None:
         ("etcd writes/commit", "etcd_writes_per_commit", "{}"), ("reports/commit", "reports_per_commit", "{}"),
         ("ctl CPU ms/commit", "controller_cpu_per_commit_s", "ms"),
         ("ctl CPU us/report", "controller_cpu_per_report_change_s", "us"),
-        ("ctl CPU ms/commit (raw)", "controller_cpu_per_commit_raw_s", "ms"),
+        ("ctl CPU ms/commit (max)", "controller_cpu_per_commit_max_s", "ms"),
         ("CPS writes/change", "status_writes_per_change", "{}"),
     ]
     print()
@@ -1006,6 +1048,9 @@ def print_table(rounds: list[RoundResult]) -> None:
             else:
                 values.append(str(value))
         print(f"  {title:<26}" + "".join(f"{v:>14}" for v in values))
+    for row in rows:
+        print(f"  status writes during the label changes ({row['mode']} @ {row['policies']}), by what changed: "
+              f"{row['status_writes_changed']}")
     for row in rows:
         if row["etcd_metrics_per_commit"]:
             print(f"  etcd counters per commit ({row['mode']} @ {row['policies']}): {row['etcd_metrics_per_commit']}")

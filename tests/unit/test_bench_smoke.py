@@ -85,10 +85,12 @@ def test_scale_bench_helpers() -> None:
             'etcd_mvcc_put_total{a="1"} 3\netcd_mvcc_put_total{a="2"} 4\nother_total 9\n')
     assert scale.parse_counters(text) == {"etcd_debugging_mvcc_events_total": 12.0, "etcd_mvcc_put_total": 7.0}
     result = scale.RoundResult("new", 100, 10, label_latencies=[0.1, 0.2], label_noop=2, commits=4, events=80,
-                               reports=40, cpu_s=0.4, status_writes=6)
+                               reports=40, change_cpu=[0.2, 0.1, 0.3], change_reports=[20, 10, 10],
+                               status_writes=6)
     summary = result.summary()
     assert summary["events_per_commit"] == 20 and summary["events_per_agent_per_commit"] == 2
-    assert summary["controller_cpu_per_report_change_s"] == 0.01 and summary["status_writes_per_change"] == 1.5
+    assert summary["controller_cpu_per_commit_s"] == 0.2 and summary["controller_cpu_per_report_change_s"] == 0.01
+    assert summary["status_writes_per_change"] == 1.5
     figures = scale.figures([result], "new", 100)
     assert figures["controller_cpu_per_report_change_s"] == {"100": 0.01}
     assert {"policy_enforced_p50_s", "label_enforced_p99_s", "events_per_agent_per_commit"} <= figures.keys()

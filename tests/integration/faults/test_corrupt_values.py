@@ -65,7 +65,7 @@ GARBAGE = b"{this is not json"
 async def world(cluster: LocalCluster, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[World]:
     env = NetfenceEnv(cluster, tmp_path / "env", nodes=2, resync_seconds=2.0, report_ttl=4,
                       controller_extra_args=(f"--coalesce-ms={COALESCE * 1000:.0f}",))
-    async for world in running_world(env, namespace_of_test("cv", request)):
+    async with running_world(env, namespace_of_test("cv", request)) as world:
         yield world
 
 

@@ -58,7 +58,7 @@ _source_ports = itertools.count(41000)
 async def world(cluster: LocalCluster, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[World]:
     env = NetfenceEnv(cluster, tmp_path / "env", nodes=2, report_ttl=4,
                       agent_extra_args=(f"--disable-features={FEATURE}",))
-    async for world in running_world(env, namespace_of_test("ur", request)):
+    async with running_world(env, namespace_of_test("ur", request)) as world:
         yield world
 
 
