@@ -142,8 +142,14 @@ class StatusWriter:
     # --- inputs ---------------------------------------------------------
 
     def mark_all(self) -> None:
-        self._dirty.update(self.world.policies)
+        """The model may have changed anywhere (a listing merged, a commit of unknown keys):
+        compute every status again, warnings included."""
         self._warnings.clear()
+        self._mark_every()
+
+    def _mark_every(self) -> None:
+        """Compute every status again (the model did not change: warnings are kept)."""
+        self._dirty.update(self.world.policies)
         self._check_orphans = True
         self._wake.set()
 
@@ -166,7 +172,7 @@ class StatusWriter:
     def request_resync(self) -> None:
         """List existing objects again (on becoming leader): recreate missing ones, delete orphans."""
         self._resync = True
-        self.mark_all()
+        self._mark_every()
 
     def policies_removed(self, keys: Iterable[PolicyKey]) -> None:
         """These policies left the world (a DELETED event or a full listing without them):
@@ -210,9 +216,11 @@ class StatusWriter:
                 self.set_report(node, reports.get(node))
 
     def status_deleted(self, name: str) -> None:
-        """Someone deleted a status object: forget it so it is recreated."""
+        """Someone deleted a status object: forget it so it is recreated (only it: ``<ns>.<name>``,
+        and a namespace name has no dot)."""
         self._forget(name)
-        self.mark_all()
+        namespace, _, policy = name.partition(".")
+        self._mark_flipped({(namespace, policy)})
 
     async def delete(self, namespace: str, name: str) -> None:
         """The policy was deleted: its status object goes (asynchronously, retried on errors)."""

@@ -139,6 +139,18 @@ async def test_warnings_are_recomputed_only_when_the_model_changes() -> None:
     assert asked == [True]
 
 
+async def test_a_deleted_status_object_costs_its_own_policy_only() -> None:
+    world, revisions = build_world(50)
+    writer, kube = make_writer(world, revisions)
+    await writer.flush()
+    was = kube.objects.pop("u7.other7")["status"]
+    before = writer.evaluations
+    writer.status_deleted("u7.other7")
+    await writer.flush()
+    assert writer.evaluations - before == 1
+    assert strip_times(kube.objects["u7.other7"]["status"]) == strip_times(was)  # recreated, the same status
+
+
 # --- bounded concurrency -------------------------------------------------------------------
 
 
