@@ -13,7 +13,7 @@ test: setup lint
 	$(VENV)/pytest -q -p no:cacheprovider tests
 
 lint: setup
-	$(VENV)/ruff check operator tests bench hack
+	$(VENV)/ruff check operator lab tests bench hack
 	$(VENV)/mypy
 
 unit: setup
@@ -44,13 +44,13 @@ golden: setup
 
 ## node-e2e: a real node on this machine (containerd + kubelet, hack/setup-node.sh), the images built
 ## locally (hack/node-images.sh), then helm install/test/upgrade/rollback/uninstall with probes
-## (operator/netfence/testbed/node_e2e.py); not part of `make test`
+## (lab/netfence_lab/node_e2e.py); not part of `make test`
 ## Tags: the install, an upgrade of the same code, an upgrade reporting another version (TAG=VERSION).
 NODE_TAGS := 0.1.0,0.1.0-b,0.1.0-c=0.1.0+c
 node-e2e: setup
 	@hack/setup-node.sh >/dev/null
 	@tags='$(NODE_TAGS)'; hack/node-images.sh $${NETFENCE_CACHE:-$$HOME/.cache/netfence}/node-images $${tags//,/ } >/dev/null
-	$(VENV)/python -m netfence.testbed.node_e2e --tags '$(NODE_TAGS)'
+	$(VENV)/python -m netfence_lab.node_e2e --tags '$(NODE_TAGS)'
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build dist

@@ -56,10 +56,10 @@ from netfence.dataplane.render import Features, render
 from netfence.model.enforcement import CompiledPort, CompiledRule, Endpoint, NodeModel
 from netfence.store.etcd import EtcdConfig, EtcdStore
 from netfence.store.layout import encode
-from netfence.testbed.etcd_server import EtcdServer
-from netfence.testbed.fabric import Fabric
-from netfence.testbed.process import ManagedProcess, free_port
-from netfence.testbed.tools import ensure_tools
+from netfence_lab.etcd_server import EtcdServer
+from netfence_lab.fabric import Fabric
+from netfence_lab.process import ManagedProcess, free_port
+from netfence_lab.tools import ensure_tools
 
 NODE = "bench"
 GOAL_MEMBERSHIP_P99 = 0.050

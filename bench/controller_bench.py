@@ -53,9 +53,9 @@ from netfence.controller.world import WorldTracker
 from netfence.model.compiler import ModelEngine, compile_world
 from netfence.model.world import namespace_from_k8s, pod_from_k8s, policy_from_k8s
 from netfence.store.etcd import EtcdConfig, EtcdStore
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.process import ManagedProcess, free_port
-from netfence.testbed.tools import ensure_tools
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.process import ManagedProcess, free_port
+from netfence_lab.tools import ensure_tools
 from synthetic import Sizes, flip_track, namespace_bodies, node_bodies, pod_bodies, policy_bodies
 
 BENCH_DIR = Path(__file__).resolve().parent

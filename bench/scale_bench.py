@@ -97,9 +97,9 @@ from netfence.store.etcd import EtcdConfig, EtcdStore
 from netfence.store.migration import logical_key
 from netfence.store.reader import EtcdCommittedReader
 from netfence.store.types import CommitBatch, CommittedState, Include, Reports
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.process import ManagedProcess, free_port
-from netfence.testbed.tools import ensure_tools
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.process import ManagedProcess, free_port
+from netfence_lab.tools import ensure_tools
 from synthetic import Sizes, flip_track, namespace_bodies, node_bodies, node_name, pod_bodies
 from synthetic import _policy_spec as policy_spec
 

@@ -8,6 +8,9 @@
 #                                  kube-scheduler, kube-controller-manager,
 #                                  kube-proxy, coredns) for `netfence node up`;
 #                                  never part of `make setup`
+#   hack/build-tools.sh --peer     build the comparison peer instead:
+#                                  kube-network-policies (bench/peer_bench.py,
+#                                  hack/setup-peer.sh); never part of `make setup`
 #   hack/build-tools.sh NAME...    build only the named tools (of either group)
 #   NETFENCE_CACHE=/path ...       use another cache root (default ~/.cache/netfence)
 #
@@ -25,10 +28,12 @@ mkdir -p "$cache/tools" "$cache/bin"
 # them again beside the first.
 group=default
 if [[ ${1:-} == --node ]]; then group=node; shift; fi
-# The node group has a lock of its own, so that its long builds never hold up
-# `make setup` (it builds other folders of the cache).
+if [[ ${1:-} == --peer ]]; then group=peer; shift; fi
+# The node and peer groups have locks of their own, so that their builds never
+# hold up `make setup` (they build other folders of the cache).
 lockfile="$cache/.build.lock"
 [[ $group == node ]] && lockfile="$cache/.build-node.lock"
+[[ $group == peer ]] && lockfile="$cache/.build-peer.lock"
 exec 9>"$lockfile"
 flock 9
 
@@ -59,10 +64,18 @@ node_tools=(
   "kube-proxy|v1.35.4|k8s.io/kubernetes/cmd/kube-proxy|$k8s_ldflags|kube-apiserver"
   "coredns|v1.15.0|github.com/coredns/coredns|-X github.com/coredns/coredns/coremain.GitCommit=netfence"
 )
+# The peer group: the reference NetworkPolicy enforcer of SIG Network, which
+# bench/peer_bench.py runs on the same namespace nodes as Netfence's agents.
+# Its main package is cmd/ (the binary is named after the tool).
+peer_tools=(
+  "kube-network-policies|v0.8.0|sigs.k8s.io/kube-network-policies/cmd|"
+)
 if [[ $group == node ]]; then
   tools=("${node_tools[@]}")
+elif [[ $group == peer ]]; then
+  tools=("${peer_tools[@]}")
 elif (($#)); then
-  tools+=("${node_tools[@]}")
+  tools+=("${node_tools[@]}" "${peer_tools[@]}")
 fi
 
 only=("$@")

@@ -29,11 +29,11 @@ command -v "$python" >/dev/null 2>&1 || die "Python 3.11+ is missing; install py
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11+ is required, found $("$python" --version 2>&1)"
 
 stamp=.venv/.netfence-installed
-want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
+want="$(cat pyproject.toml lab/pyproject.toml | sha256sum | cut -c1-16)"
 if [[ ! -x .venv/bin/python || ! -f $stamp || "$(cat $stamp)" != "$want" ]]; then
   echo "netfence: preparing the Python environment in .venv" >&2
   [[ -x .venv/bin/python ]] || "$python" -m venv .venv || die "could not create .venv (is the python3-venv package installed?)"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' || die "pip install failed; check that PyPI is reachable"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' -e ./lab || die "pip install failed; check that PyPI is reachable"
   echo "$want" > $stamp
 fi
 

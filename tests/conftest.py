@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from netfence.testbed.cluster import LocalCluster, raise_on_signals
-from netfence.testbed.tools import Tools, ensure_tools
+from netfence_lab.cluster import LocalCluster, raise_on_signals
+from netfence_lab.tools import Tools, ensure_tools
 
 _TEARDOWN_FAILURES = pytest.StashKey[list[str]]()
 _RESTORE_SIGNALS = pytest.StashKey[Callable[[], None]]()

@@ -1,8 +1,13 @@
 """The ``netfence`` command: ``main()`` parses and dispatches to small command functions.
 
-Adding a command group: write ``netfence/cli_<group>.py`` with
-``register(sub: Subcommands) -> None`` that calls :func:`add_command` for each
-command, and list the module in ``COMMAND_MODULES``. A command function takes
+Adding a command group: write a module with ``register(sub: Subcommands) ->
+None`` that calls :func:`add_command` for each command. The runtime's own
+groups are listed in ``COMMAND_MODULES``; other distributions add theirs as an
+entry point of the group ``netfence.commands`` (the test bed, ``lab/``, adds
+``cluster``, ``node``, ``conformance`` and ``demo`` that way), so the runtime
+images, which install only this distribution, carry none of them. A module may
+set ``KNOWN_ERRORS``: exception types it raises that ``main()`` reports as one
+line like :class:`CliError`. A command function takes
 the parsed ``argparse.Namespace`` and returns the exit code; it reports
 failures by raising :class:`CliError` (or one of ``KNOWN_ERRORS``), which
 ``main()`` turns into ONE stderr line ``netfence: <what is wrong>; <what to do>``
@@ -17,16 +22,15 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from types import ModuleType
 from typing import Any, NoReturn
 
 COMMAND_MODULES = (
-    "netfence.cli_cluster",
-    "netfence.cli_node",
     "netfence.cli_status",
     "netfence.cli_explain",
-    "netfence.conformance.command",
-    "netfence.demo",
 )
+COMMAND_GROUP = "netfence.commands"  # entry points of other distributions: name = "module"
 
 CommandFunc = Callable[[argparse.Namespace], int]
 Subcommands = Any  # argparse._SubParsersAction[ArgumentParser]; private in typeshed
@@ -92,18 +96,28 @@ def build_parser(prog: str = "netfence") -> argparse.ArgumentParser:
                     description="Kubernetes NetworkPolicy enforcement with per-policy status.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
+    for module in command_modules():
+        module.register(sub)
     return parser
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from netfence.testbed.cluster import ClusterError
-    from netfence.testbed.pki import PkiError
-    from netfence.testbed.process import StartupError
-    from netfence.testbed.tools import ToolsError
+def command_modules() -> list[ModuleType]:
+    """The runtime's command modules, then those other installed distributions add (by entry point name)."""
+    modules = [importlib.import_module(name) for name in COMMAND_MODULES]
+    for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        try:
+            modules.append(entry.load())
+        except ImportError as exc:  # a half-installed extra must not break the runtime's own commands
+            logging.getLogger(__name__).warning("netfence command group %r could not be loaded: %s",
+                                                entry.name, exc)
+    return modules
 
-    return (CliError, ClusterError, PkiError, StartupError, ToolsError)
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    known: list[type[BaseException]] = [CliError]
+    for module in command_modules():
+        known.extend(getattr(module, "KNOWN_ERRORS", ()))
+    return tuple(known)
 
 
 def main(

@@ -61,27 +61,15 @@ class LocalBed:
     what: str
 
 
+LOCAL_BEDS_GROUP = "netfence.local_beds"  # entry points: callables (demo_dir | None) -> list[LocalBed]
+
+
 def local_beds(demo_dir: Path | None = None) -> list[LocalBed]:
-    """The running local test beds, the kept demo first."""
-    import json
+    """The running local test beds, the kept demo first: asked of the installed test bed
+    (``lab/``, entry point group ``netfence.local_beds``); none where only the runtime is installed."""
+    from importlib.metadata import entry_points
 
-    from netfence.cli_cluster import default_dir
-    from netfence.testbed.cluster import read_state
-
-    demo = demo_dir or default_dir().parent / "demo"
-    out: list[LocalBed] = []
-    for directory, what in ((demo / "cluster", f"the demo kept running in {demo}"),
-                            (default_dir(), f"the local cluster in {default_dir()}")):
-        state = read_state(directory)
-        if state is None or not state.running():
-            continue
-        nodes: dict[str, str] = {}
-        kept = directory.parent / "demo.json"
-        if what.startswith("the demo") and kept.is_file():
-            recorded = json.loads(kept.read_text())
-            nodes = dict(recorded.get("nodes") or {})
-            prefix = recorded.get("fabric")
-            if not nodes and prefix:  # demo.json of an earlier version: node-<i> runs in <prefix>-n<i>
-                nodes = {f"node-{i}": f"{prefix}-n{i}" for i in range(2)}
-        out.append(LocalBed(state.netfence_etcd.removeprefix("http://"), Path(state.kubeconfig), nodes, what))
-    return out
+    beds: list[LocalBed] = []
+    for entry in sorted(entry_points(group=LOCAL_BEDS_GROUP), key=lambda e: e.name):
+        beds.extend(entry.load()(demo_dir))
+    return beds

@@ -27,13 +27,10 @@ def register(sub: Subcommands) -> None:
 def _endpoints(args: argparse.Namespace) -> list[str]:
     if args.etcd_endpoints:
         return [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()]
-    from netfence.cli_cluster import default_dir
-    from netfence.testbed.cluster import read_state
+    from netfence.cli_options import local_beds
 
-    for directory in (default_dir(), default_dir().parent / "demo" / "cluster"):
-        state = read_state(directory)
-        if state is not None and state.running():
-            return [state.netfence_etcd.removeprefix("http://")]
+    for bed in local_beds():
+        return [bed.etcd_endpoint]
     raise CliError("no etcd to ask: pass --etcd-endpoints host:port or set NETFENCE_ETCD_ENDPOINTS")
 
 

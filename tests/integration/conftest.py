@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from netfence.testbed.fabric import Fabric, cleanup_stale
-from netfence.testbed.probe import Prober
-from netfence.testbed.runs import owned_runs, remove_run
+from netfence_lab.fabric import Fabric, cleanup_stale
+from netfence_lab.probe import Prober
+from netfence_lab.runs import owned_runs, remove_run
 
 
 @pytest.fixture(scope="session", autouse=True)

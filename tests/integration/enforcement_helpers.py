@@ -33,9 +33,9 @@ from tests.integration.helpers import eventually, open_store
 
 from netfence.dataplane.names import endpoint_chain, policy_chain
 from netfence.store.etcd import EtcdStore
-from netfence.testbed.env import NetfenceEnv
-from netfence.testbed.kubelet import PodHandle
-from netfence.testbed.probe import Probe, Prober
+from netfence_lab.env import NetfenceEnv
+from netfence_lab.kubelet import PodHandle
+from netfence_lab.probe import Probe, Prober
 
 PORT = 80
 

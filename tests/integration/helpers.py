@@ -15,7 +15,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from netfence.store.errors import StoreError
 from netfence.store.etcd import EtcdConfig, EtcdStore
 from netfence.store.settings import EtcdSettings
-from netfence.testbed.process import ManagedProcess
+from netfence_lab.process import ManagedProcess
 
 T = TypeVar("T")
 

@@ -42,8 +42,8 @@ from tests.integration.helpers import eventually
 
 from netfence import __version__
 from netfence.store.errors import CompactedError
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import NetfenceEnv
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.env import NetfenceEnv
 
 RESYNC_SECONDS = 2.0
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from netfence.conformance.command import load_all
-from netfence.conformance.runner import ScenarioResult, run_scenarios, summary_line, write_json
-from netfence.conformance.scenario import Scenario, ScenarioError, collect_files, load_scenario
-from netfence.testbed.cluster import LocalCluster
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.conformance.command import load_all
+from netfence_lab.conformance.runner import ScenarioResult, run_scenarios, summary_line, write_json
+from netfence_lab.conformance.scenario import Scenario, ScenarioError, collect_files, load_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 OWN = REPO / "tests" / "conformance"

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from etcd3aio import Etcd3Client
 
-from netfence.testbed.apiserver import KubeApiServer
-from netfence.testbed.cluster import (
+from netfence_lab.apiserver import KubeApiServer
+from netfence_lab.cluster import (
     ClusterError,
     LocalCluster,
     describe_failure,
@@ -29,9 +29,9 @@ from netfence.testbed.cluster import (
     start_etcd,
     stop_recorded,
 )
-from netfence.testbed.etcd_server import EtcdServer
-from netfence.testbed.process import StartupError
-from netfence.testbed.tools import Tools
+from netfence_lab.etcd_server import EtcdServer
+from netfence_lab.process import StartupError
+from netfence_lab.tools import Tools
 
 K8S_VERSION = "v1.35.4"
 

@@ -24,9 +24,9 @@ from tests.integration.helpers import (
     policy,
 )
 
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import NetfenceEnv
-from netfence.testbed.process import ManagedProcess
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.env import NetfenceEnv
+from netfence_lab.process import ManagedProcess
 
 OWNED = ("policies/", "sets/", "endpoints/", "meta/", "commit")
 

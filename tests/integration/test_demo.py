@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from netfence.demo import PODS
-from netfence.testbed.cluster import read_state
-from netfence.testbed.runs import owner_path, podserver_pids, run_netns
+from netfence_lab.cluster import read_state
+from netfence_lab.demo import PODS
+from netfence_lab.runs import owner_path, podserver_pids, run_netns
 
 
 def normalised(text: str) -> list[str]:

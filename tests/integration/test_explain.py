@@ -28,8 +28,6 @@ import yaml
 from kubernetes_asyncio import client
 from tests.integration.enforcement_helpers import store_of
 
-from netfence.conformance.runner import ScenarioRun, StepResult, run_scenarios
-from netfence.conformance.scenario import load_scenario
 from netfence.explain.gather import (
     PartyResolver,
     Question,
@@ -39,9 +37,11 @@ from netfence.explain.gather import (
     resolve_connection,
 )
 from netfence.store.settings import EtcdSettings
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import NetfenceEnv
-from netfence.testbed.probe import Probe, Prober
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.conformance.runner import ScenarioRun, StepResult, run_scenarios
+from netfence_lab.conformance.scenario import load_scenario
+from netfence_lab.env import NetfenceEnv
+from netfence_lab.probe import Probe, Prober
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = [

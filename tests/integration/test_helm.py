@@ -54,10 +54,10 @@ from tests.unit.test_dockerfile import parse_dockerfile
 
 from netfence.store.errors import StoreError
 from netfence.store.etcd import EtcdConfig, EtcdStore
-from netfence.testbed.apiserver import KubeApiServer
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.process import ManagedProcess, free_port
-from netfence.testbed.tools import Tools, cache_dir
+from netfence_lab.apiserver import KubeApiServer
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.process import ManagedProcess, free_port
+from netfence_lab.tools import Tools, cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "netfence"

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from netfence.config import agent_parser, controller_parser
-from netfence.testbed.tools import Tools
+from netfence_lab.tools import Tools
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "netfence"

@@ -87,6 +87,22 @@ def test_wheel_carries_the_crd_and_type_marker(installed_venv: Path) -> None:
     assert not list((installed_venv / "lib").glob("python3*/site-packages/pytest"))
 
 
+def test_the_runtime_carries_no_test_bed(installed_venv: Path) -> None:
+    """The test bed is the separate distribution lab/ (netfence_lab): not in the wheel, not installed,
+    and `netfence` in the image offers only the runtime's commands (issue 10)."""
+    [wheel] = (installed_venv.parent / "dist").glob("netfence-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if n.startswith("netfence_lab") or "/testbed/" in n or "/conformance/" in n
+                or n.endswith(("/demo.py", "/cli_cluster.py", "/cli_node.py"))], names
+    assert not list((installed_venv / "lib").glob("python3*/site-packages/netfence_lab*"))
+    result = subprocess.run([str(installed_venv / "bin" / "netfence"), "--help"], capture_output=True,
+                            text=True, check=False, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "explain" in result.stdout and "status" in result.stdout
+    for lab_command in ("demo", "conformance", "cluster", "node"):
+        assert f"    {lab_command} " not in result.stdout, result.stdout
+
+
 @pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_every_console_script_starts(installed_venv: Path, script: str) -> None:
     result = subprocess.run(

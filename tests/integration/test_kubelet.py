@@ -13,10 +13,10 @@ from kubernetes_asyncio.client import ApiClient, CoreV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import new_client_from_config
 
-from netfence.testbed.fabric import Fabric
-from netfence.testbed.kubelet import Kubelet, pod_ip, port_name
-from netfence.testbed.netns import netns_exists
-from netfence.testbed.probe import Probe, Prober
+from netfence_lab.fabric import Fabric
+from netfence_lab.kubelet import Kubelet, pod_ip, port_name
+from netfence_lab.netns import netns_exists
+from netfence_lab.probe import Probe, Prober
 
 pytestmark = [pytest.mark.integration, pytest.mark.netns]
 

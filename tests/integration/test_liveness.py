@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import NetfenceEnv
-from netfence.testbed.process import free_port
-from netfence.testbed.tools import Tools
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.env import NetfenceEnv
+from netfence_lab.process import free_port
+from netfence_lab.tools import Tools
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "netfence"

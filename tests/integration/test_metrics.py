@@ -31,8 +31,8 @@ from tests.integration.enforcement_helpers import (
 from tests.integration.helpers import eventually
 from tests.unit.test_metrics_docs import documented
 
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import NetfenceEnv
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.env import NetfenceEnv
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from netfence.testbed.fabric import DEAD_GATEWAY, Fabric, PodNet, cleanup_stale
-from netfence.testbed.netns import list_netns, netns_exists
-from netfence.testbed.probe import Probe, Prober
-from netfence.testbed.runs import owner_path, podserver_pids
+from netfence_lab.fabric import DEAD_GATEWAY, Fabric, PodNet, cleanup_stale
+from netfence_lab.netns import list_netns, netns_exists
+from netfence_lab.probe import Probe, Prober
+from netfence_lab.runs import owner_path, podserver_pids
 
 pytestmark = pytest.mark.netns
 
@@ -157,7 +157,7 @@ def test_close_removes_everything_and_leaves_the_host_alone(
 
 CRASHING_RUN = """
 import os, sys
-from netfence.testbed.fabric import Fabric
+from netfence_lab.fabric import Fabric
 f = Fabric(prefix=sys.argv[1])
 f.add_node(0)
 f.add_pod(0, "x/a", "10.244.0.10", [(80, "TCP")])

@@ -22,8 +22,8 @@ import pytest
 from kubernetes_asyncio import client, watch
 from tests.integration.enforcement_helpers import manifest, store_of
 
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import NetfenceEnv
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.env import NetfenceEnv
 
 NS = "stw"
 POLICIES = 20

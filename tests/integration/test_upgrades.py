@@ -45,9 +45,9 @@ from netfence.model.world import namespace_from_k8s, pod_from_k8s
 from netfence.store import layout as L
 from netfence.store import migration as M
 from netfence.store.etcd import EtcdStore
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import NetfenceEnv
-from netfence.testbed.process import ManagedProcess
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.env import NetfenceEnv
+from netfence_lab.process import ManagedProcess
 
 REPO = Path(__file__).resolve().parents[2]
 OLD_CRD = Path(__file__).parent / "fixtures" / "clusterpolicystatus-v1alpha1.yaml"

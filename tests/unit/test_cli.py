@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from netfence.cli import CliError, Parser, add_command, check_root, main, one_line
-from netfence.testbed.cluster import describe_failure, read_state
-from netfence.testbed.tools import ToolsError, ensure_tools
+from netfence_lab.cluster import describe_failure, read_state
+from netfence_lab.tools import ToolsError, ensure_tools
 
 SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 

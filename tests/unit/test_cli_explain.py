@@ -97,7 +97,7 @@ def test_with_no_connection_flags_the_kept_demo_is_asked(tmp_path: Path) -> None
     import os
 
     from netfence.cli_options import local_beds
-    from netfence.testbed.cluster import ClusterState, ProcessRecord, proc_start_time
+    from netfence_lab.cluster import ClusterState, ProcessRecord, proc_start_time
 
     demo = tmp_path / "demo"
     (demo / "cluster").mkdir(parents=True)

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from netfence.controller.health import ENV_PORT, LivenessConfigError, LoopHeartbeat, liveness_port, liveness_server
-from netfence.testbed.process import free_port
+from netfence_lab.process import free_port
 
 
 def test_liveness_port_is_optional() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from hack.gen_crds import TARGET_DIRS, generated, header, read_sources
 
-from netfence.testbed.cluster import crd_names, packaged_crd_dir
+from netfence_lab.cluster import crd_names, packaged_crd_dir
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "clusterpolicystatus.yaml"

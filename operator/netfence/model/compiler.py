@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from netfence.model.enforcement import CompiledPolicy
+from netfence.model.cluster_policy import ClusterPolicy, cluster_policy_key, compile_cluster_policy
+from netfence.model.enforcement import CompiledClusterPolicy, CompiledPolicy
 from netfence.model.engine import ModelEngine, PolicyView
 from netfence.model.peersets import (
     NetSetSpec,
@@ -56,12 +57,16 @@ def resolve_members(
 
 
 def compile_world(
-    pods: Iterable[Pod], namespaces: Iterable[Namespace], policies: Iterable[Policy]
+    pods: Iterable[Pod],
+    namespaces: Iterable[Namespace],
+    policies: Iterable[Policy],
+    cluster_policies: Iterable[ClusterPolicy] = (),
 ) -> dict[str, dict[str, Any]]:
     """The full desired state for this world. Later duplicates (same key) win."""
     pod_map = {pod.key: pod for pod in pods}
     ns_labels = {ns.name: ns.labels for ns in namespaces}
     policy_map = {policy.key: policy for policy in policies}
+    cluster_map = {cp.name: cp for cp in cluster_policies}
     endpoints = [pod for pod in pod_map.values() if is_endpoint(pod)]
 
     out: dict[str, dict[str, Any]] = {}
@@ -74,10 +79,21 @@ def compile_world(
         for pod in endpoints:
             if pod.namespace == policy.namespace and policy.pod_selector.matches(pod.labels):
                 selecting.setdefault(pod.key, []).append(compilation.compiled)
+    cluster_selecting: dict[tuple[str, str], list[CompiledClusterPolicy]] = {}
+    for cp in cluster_map.values():
+        ccomp = compile_cluster_policy(cp)
+        out[cluster_policy_key(cp.name)] = ccomp.compiled.to_json()
+        specs.update(ccomp.sets)
+        subject = cp.subject_spec()
+        for pod in endpoints:
+            if pods_spec_matches(subject, pod, ns_labels.get(pod.namespace)):
+                cluster_selecting.setdefault(pod.key, []).append(ccomp.compiled)
     for sid, spec in specs.items():
         out[set_key(sid)] = peer_set(sid, spec, resolve_members(spec, endpoints, ns_labels)).to_json()
     for pod in endpoints:
-        if pod.node and pod.key in selecting:
-            endpoint = make_endpoint(pod, selecting[pod.key])
+        if not pod.node or (pod.key not in selecting and pod.key not in cluster_selecting):
+            continue
+        endpoint = make_endpoint(pod, selecting.get(pod.key, ()), cluster_selecting.get(pod.key, ()))
+        if pod.key in selecting or endpoint.has_cluster_policies:
             out[endpoint_key(pod.node, pod.namespace, pod.name)] = endpoint.to_json()
     return out

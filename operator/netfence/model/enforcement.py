@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 SCHEMA_VERSION = 1
@@ -219,13 +219,30 @@ class Endpoint:
     ips: tuple[str, ...]
     ingress: tuple[str, ...]  # policy keys "ns/name", ordered
     egress: tuple[str, ...]
+    #: ClusterNetworkPolicy names per tier and direction, in evaluation order
+    #: (priority, then name); written to JSON only when non-empty, so an
+    #: endpoint without cluster policies keeps the value it always had.
+    admin_ingress: tuple[str, ...] = ()
+    admin_egress: tuple[str, ...] = ()
+    baseline_ingress: tuple[str, ...] = ()
+    baseline_egress: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    def tiers(self, direction: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(admin, baseline) cluster policy names for ``direction`` ("ingress"/"egress")."""
+        if direction == "ingress":
+            return self.admin_ingress, self.baseline_ingress
+        return self.admin_egress, self.baseline_egress
+
+    @property
+    def has_cluster_policies(self) -> bool:
+        return bool(self.admin_ingress or self.admin_egress or self.baseline_ingress or self.baseline_egress)
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "node": self.node,
             "namespace": self.namespace,
@@ -234,6 +251,10 @@ class Endpoint:
             "ingress": list(self.ingress),
             "egress": list(self.egress),
         }
+        for field_name, value in _tier_fields(self):
+            if value:
+                out[field_name] = list(value)
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> Endpoint:
@@ -245,9 +266,119 @@ class Endpoint:
                 ips=tuple(str(i) for i in data["ips"]),
                 ingress=tuple(str(p) for p in data.get("ingress") or ()),
                 egress=tuple(str(p) for p in data.get("egress") or ()),
+                admin_ingress=tuple(str(p) for p in data.get("adminIngress") or ()),
+                admin_egress=tuple(str(p) for p in data.get("adminEgress") or ()),
+                baseline_ingress=tuple(str(p) for p in data.get("baselineIngress") or ()),
+                baseline_egress=tuple(str(p) for p in data.get("baselineEgress") or ()),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ModelDecodeError(f"bad endpoint: {exc!r}") from exc
+
+
+def _tier_fields(ep: Endpoint) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return (
+        ("adminIngress", ep.admin_ingress),
+        ("adminEgress", ep.admin_egress),
+        ("baselineIngress", ep.baseline_ingress),
+        ("baselineEgress", ep.baseline_egress),
+    )
+
+
+#: ClusterNetworkPolicy tiers and rule actions (policy.networking.k8s.io).
+Tier = Literal["Admin", "Baseline"]
+TIERS: tuple[Tier, ...] = ("Admin", "Baseline")
+Action = Literal["Accept", "Deny", "Pass"]
+ACTIONS: tuple[Action, ...] = ("Accept", "Deny", "Pass")
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledClusterRule:
+    """One ClusterNetworkPolicy rule: an action on what ``match`` matches.
+
+    ``match`` has the :class:`CompiledRule` semantics (``peers`` None = any
+    peer, ``ports`` None = any port; empty tuples never match). ``name`` is
+    the rule's name in the policy (may be empty), for explanations.
+    """
+
+    action: Action
+    match: CompiledRule
+    name: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"action": self.action, **self.match.to_json()}
+        if self.name:
+            out["name"] = self.name
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> CompiledClusterRule:
+        action = data["action"]
+        if action not in ACTIONS:
+            raise ModelDecodeError(f"unknown action {action!r}")
+        return cls(action=action, match=CompiledRule.from_json(data), name=str(data.get("name") or ""))
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledClusterPolicy:
+    """One ClusterNetworkPolicy: tier, priority and ordered rules per direction.
+
+    An empty direction does not affect that direction's traffic (the API's
+    "CNPs with no ingress rules do not affect ingress traffic"); endpoints
+    list the policy only in the directions where it has rules.
+    """
+
+    name: str
+    uid: str
+    tier: Tier
+    priority: int
+    ingress: tuple[CompiledClusterRule, ...]
+    egress: tuple[CompiledClusterRule, ...]
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+    def rules(self, direction: str) -> tuple[CompiledClusterRule, ...]:
+        return self.ingress if direction == "ingress" else self.egress
+
+    @property
+    def set_ids(self) -> frozenset[str]:
+        ids: set[str] = set()
+        for rule in (*self.ingress, *self.egress):
+            ids.update(rule.match.peers or ())
+            ids.update(p.named_set for p in rule.match.ports or () if p.named_set)
+        return frozenset(ids)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "name": self.name,
+            "uid": self.uid,
+            "tier": self.tier,
+            "priority": self.priority,
+            "ingress": [r.to_json() for r in self.ingress],
+            "egress": [r.to_json() for r in self.egress],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> CompiledClusterPolicy:
+        try:
+            tier = data["tier"]
+            if tier not in TIERS:
+                raise ModelDecodeError(f"unknown tier {tier!r}")
+            priority = data["priority"]
+            if not isinstance(priority, int) or isinstance(priority, bool):
+                raise ModelDecodeError(f"priority must be an integer, got {priority!r}")
+            return cls(
+                name=str(data["name"]),
+                uid=str(data.get("uid", "")),
+                tier=tier,
+                priority=priority,
+                ingress=tuple(CompiledClusterRule.from_json(r) for r in data.get("ingress") or ()),
+                egress=tuple(CompiledClusterRule.from_json(r) for r in data.get("egress") or ()),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ModelDecodeError(f"bad cluster policy: {exc!r}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,3 +389,5 @@ class NodeModel:
     endpoints: dict[str, Endpoint]  # by "ns/name"
     policies: dict[str, CompiledPolicy]  # by "ns/name" (at least those the endpoints use)
     sets: dict[str, PeerSet]  # by id (at least those the policies use)
+    #: ClusterNetworkPolicies by name (at least those the endpoints use)
+    cluster_policies: dict[str, CompiledClusterPolicy] = field(default_factory=dict)

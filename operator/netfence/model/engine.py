@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from netfence.model.cluster_policy import cluster_policy_key
 from netfence.model.diagnostics import policy_warnings
 from netfence.model.enforcement import Endpoint
 from netfence.model.membership import MembershipState, PodKey, PolicyKey, SetState
@@ -133,6 +134,50 @@ class ModelEngine(MembershipState):
                         out.add((ns, name))
         return out
 
+    def cluster_policy_view(self, name: str) -> PolicyView | None:
+        """Like :meth:`policy_view` for a ClusterNetworkPolicy (``namespace`` is empty).
+
+        Its warnings are the parser's notes: what is enforced fail closed.
+        """
+        state = self._cpolicies.get(name)
+        if state is None:
+            return None
+        selected = sorted(self._sets[state.subject].members)
+        endpoints = tuple(
+            ep for key in selected if (ep := self._endpoint(key)) is not None and _lists(ep, name)
+        )
+        keys = {cluster_policy_key(name)} | {set_key(sid) for sid in state.specs}
+        keys |= {endpoint_key(ep.node, ep.namespace, ep.name) for ep in endpoints}
+        return PolicyView(
+            namespace="",
+            name=name,
+            endpoints=endpoints,
+            nodes=frozenset(ep.node for ep in endpoints),
+            relevant_keys=frozenset(keys),
+            warnings=state.policy.notes,
+        )
+
+    def cluster_policy_names(self) -> list[str]:
+        return sorted(self._cpolicies)
+
+    def cluster_policies_affected_by(self, keys: Iterable[str]) -> set[str]:
+        """Cluster policies having any of these keys as a relevant key (see :meth:`policies_affected_by`)."""
+        out: set[str] = set()
+        for key in keys:
+            kind, _, rest = key.partition("/")
+            if kind == "cpolicies":
+                out.add(rest)
+            elif kind == "sets" and rest in self._sets:
+                out |= self._sets[rest].crefs
+            elif kind == "endpoints":
+                _node, ns, name = rest.split("/", 2)
+                out |= self._pod_cluster_policies((ns, name))
+                before = self._out.value_before_last_drain(key)
+                if before is not None:
+                    for field_name in ("adminIngress", "adminEgress", "baselineIngress", "baselineEgress"):
+                        out.update(str(n) for n in before.get(field_name, ()))
+        return out
+
     def set_policies(self, set_id: str) -> frozenset[PolicyKey]:
         """Policies whose compiled rules reference set ``set_id`` (empty if unknown)."""
         state = self._sets.get(set_id)
@@ -146,10 +191,14 @@ class ModelEngine(MembershipState):
 
     def _endpoint(self, key: PodKey) -> Endpoint | None:
         pod = self._pods.get(key)
-        policies = self._pod_policies.get(key)
-        if pod is None or not policies or not pod.node or not is_endpoint(pod):
+        if pod is None or not pod.node or not is_endpoint(pod):
             return None
-        return make_endpoint(pod, (self._policies[pk].compiled for pk in policies))
+        policies = self._pod_policies.get(key)
+        cluster = [self._cpolicies[n].compiled for n in self._pod_cluster_policies(key)]
+        if not policies and not cluster:
+            return None
+        endpoint = make_endpoint(pod, (self._policies[pk].compiled for pk in policies or ()), cluster)
+        return endpoint if policies or endpoint.has_cluster_policies else None
 
     def _set_members(self, state: SetState) -> tuple[str, ...]:
         spec = state.spec
@@ -168,7 +217,17 @@ class ModelEngine(MembershipState):
             return None if policy is None else policy.compiled.to_json()
         if kind == "sets":
             state = self._sets.get(rest)
-            return None if state is None else peer_set(rest, state.spec, self._set_members(state)).to_json()
+            if state is None or not (state.refs or state.crefs):  # a subject-only set is not written
+                return None
+            return peer_set(rest, state.spec, self._set_members(state)).to_json()
+        if kind == "cpolicies":
+            cstate = self._cpolicies.get(rest)
+            return None if cstate is None else cstate.compiled.to_json()
         node, ns, name = rest.split("/", 2)
         endpoint = self._endpoint((ns, name))
         return None if endpoint is None or endpoint.node != node else endpoint.to_json()
+
+
+def _lists(endpoint: Endpoint, name: str) -> bool:
+    """Whether the endpoint record lists cluster policy ``name`` in any tier and direction."""
+    return any(name in names for direction in ("ingress", "egress") for names in endpoint.tiers(direction))

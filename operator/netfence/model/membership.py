@@ -13,7 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from netfence.model.changes import ChangeTracker
-from netfence.model.enforcement import CompiledPolicy, Protocol
+from netfence.model.cluster_policy import ClusterPolicy, cluster_policy_key, compile_cluster_policy
+from netfence.model.enforcement import CompiledClusterPolicy, CompiledPolicy, Protocol
 from netfence.model.peersets import (
     PodsSetSpec,
     PortsSetSpec,
@@ -21,6 +22,7 @@ from netfence.model.peersets import (
     compile_policy,
     endpoint_key,
     policy_key,
+    set_id,
     set_key,
 )
 from netfence.model.selector_index import SelectorIndex, changed_keys, index_add, index_discard
@@ -36,8 +38,18 @@ class SetState:
     sid: str
     spec: SetSpec
     refs: set[PolicyKey] = field(default_factory=set)
+    crefs: set[str] = field(default_factory=set)  # cluster policies whose rules reference it
+    subject_of: set[str] = field(default_factory=set)  # cluster policies whose subject it is
     members: set[PodKey] = field(default_factory=set)  # pods sets only
     namespaces: set[str] = field(default_factory=set)  # namespace-selector sets: matching namespaces
+
+
+@dataclass(eq=False)
+class ClusterPolicyState:
+    policy: ClusterPolicy
+    compiled: CompiledClusterPolicy
+    specs: Mapping[str, SetSpec]  # sets its rules refer to
+    subject: str  # id of its subject set (a cluster-wide pods set, not written to etcd unless a rule uses it)
 
 
 @dataclass(eq=False)
@@ -64,6 +76,7 @@ class MembershipState:
         self._named_port_pods: dict[tuple[str, Protocol], set[PodKey]] = {}  # endpoint pods declaring it
         self._pod_sets: dict[PodKey, set[str]] = {}  # reverse: pods sets containing the pod
         self._pod_policies: dict[PodKey, set[PolicyKey]] = {}  # reverse: policies selecting the pod
+        self._cpolicies: dict[str, ClusterPolicyState] = {}
         self._out = ChangeTracker()
 
     # ---- pods ----------------------------------------------------------------
@@ -161,6 +174,71 @@ class MembershipState:
             self._unref_set(sid, pk)
         self._out.mark(policy_key(*pk))
 
+    # ---- cluster policies (ClusterNetworkPolicy) -------------------------------
+    #
+    # A cluster policy's subject is a cluster-wide pods set (namespaceSelector AND
+    # podSelector): its membership is maintained by the same indexed machinery as
+    # peer sets, so a label change re-evaluates it only when a referenced key
+    # changed. Membership changes of a subject set dirty the pod's endpoint.
+
+    def set_cluster_policy(self, policy: ClusterPolicy) -> None:
+        name = policy.name
+        old = self._cpolicies.get(name)
+        if old is not None and old.policy == policy:
+            return
+        compilation = compile_cluster_policy(policy)
+        for sid, spec in compilation.sets.items():
+            state = self._sets.get(sid) or self._create_set(sid, spec)
+            state.crefs.add(name)
+        subject_spec = policy.subject_spec()
+        subject = set_id(subject_spec)
+        subject_state = self._sets.get(subject) or self._create_set(subject, subject_spec)
+        subject_state.subject_of.add(name)
+        new = ClusterPolicyState(policy, compilation.compiled, compilation.sets, subject)
+        self._cpolicies[name] = new
+        if old is not None:
+            for sid in old.specs.keys() - compilation.sets.keys():
+                self._sets[sid].crefs.discard(name)
+                self._release_set(sid)
+        shape = (new.compiled.tier, new.compiled.priority, bool(new.compiled.ingress), bool(new.compiled.egress))
+        if old is None or old.subject != subject or shape != (
+            old.compiled.tier,
+            old.compiled.priority,
+            bool(old.compiled.ingress),
+            bool(old.compiled.egress),
+        ):
+            self._dirty_members(subject_state)
+            if old is not None and old.subject != subject:
+                old_subject = self._sets[old.subject]
+                old_subject.subject_of.discard(name)
+                self._dirty_members(old_subject)
+                self._release_set(old.subject)
+        self._out.mark(cluster_policy_key(name))
+
+    def remove_cluster_policy(self, name: str) -> None:
+        state = self._cpolicies.pop(name, None)
+        if state is None:
+            return
+        subject = self._sets[state.subject]
+        subject.subject_of.discard(name)
+        self._dirty_members(subject)
+        self._release_set(state.subject)
+        for sid in state.specs:
+            self._sets[sid].crefs.discard(name)
+            self._release_set(sid)
+        self._out.mark(cluster_policy_key(name))
+
+    def _dirty_members(self, state: SetState) -> None:
+        for key in state.members:
+            self._dirty_endpoint(self._pods[key])
+
+    def _pod_cluster_policies(self, key: PodKey) -> set[str]:
+        """Cluster policies whose subject selects the endpoint pod ``key``."""
+        out: set[str] = set()
+        for sid in self._pod_sets.get(key, ()):
+            out |= self._sets[sid].subject_of
+        return out
+
     # ---- evaluation and membership ------------------------------------------
 
     def _eval(self, selector: LabelSelector, labels: Mapping[str, str]) -> bool:
@@ -196,6 +274,8 @@ class MembershipState:
             state.members.discard(key)
             index_discard(self._pod_sets, key, state.sid)
         self._out.mark(set_key(state.sid))
+        if state.subject_of and (pod := self._pods.get(key)) is not None:
+            self._dirty_endpoint(pod)
 
     def _select(self, state: PolicyState, pod: Pod, selected: bool) -> None:
         if (pod.key in state.selected) == selected:
@@ -303,9 +383,13 @@ class MembershipState:
         return state
 
     def _unref_set(self, sid: str, pk: PolicyKey) -> None:
+        self._sets[sid].refs.discard(pk)
+        self._release_set(sid)
+
+    def _release_set(self, sid: str) -> None:
+        """Forget set ``sid`` once nothing refers to it any more."""
         state = self._sets[sid]
-        state.refs.discard(pk)
-        if state.refs:
+        if state.refs or state.crefs or state.subject_of:
             return
         del self._sets[sid]
         self._out.mark(set_key(sid))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from netfence.model.enforcement import (
+    CompiledClusterPolicy,
     CompiledPolicy,
     CompiledPort,
     CompiledRule,
@@ -207,11 +208,23 @@ def pods_spec_matches(spec: PodsSetSpec, pod: Pod, namespace_labels: Mapping[str
     return spec.namespace_selector.matches(namespace_labels) and spec.pod_selector.matches(pod.labels)
 
 
-def make_endpoint(pod: Pod, policies: Iterable[CompiledPolicy]) -> Endpoint:
-    """The endpoint record of a (selected, scheduled) endpoint pod; policy keys sorted."""
+def make_endpoint(
+    pod: Pod, policies: Iterable[CompiledPolicy], cluster: Iterable[CompiledClusterPolicy] = ()
+) -> Endpoint:
+    """The endpoint record of a (selected, scheduled) endpoint pod; policy keys sorted.
+
+    ``cluster``: the ClusterNetworkPolicies whose subject selects the pod; each
+    is listed per tier in the directions where it has rules, in evaluation
+    order (priority, then name).
+    """
     chosen = sorted(policies, key=lambda p: p.key)
     if pod.node is None:
         raise ValueError(f"pod {pod.namespace}/{pod.name} has no node")
+    ordered = sorted(cluster, key=lambda c: (c.priority, c.name))
+
+    def tier(name: str, direction: str) -> tuple[str, ...]:
+        return tuple(c.name for c in ordered if c.tier == name and c.rules(direction))
+
     return Endpoint(
         node=pod.node,
         namespace=pod.namespace,
@@ -219,6 +232,10 @@ def make_endpoint(pod: Pod, policies: Iterable[CompiledPolicy]) -> Endpoint:
         ips=pod.ips,
         ingress=tuple(p.key for p in chosen if p.ingress is not None),
         egress=tuple(p.key for p in chosen if p.egress is not None),
+        admin_ingress=tier("Admin", "ingress"),
+        admin_egress=tier("Admin", "egress"),
+        baseline_ingress=tier("Baseline", "ingress"),
+        baseline_egress=tier("Baseline", "egress"),
     )
 
 

@@ -186,3 +186,150 @@ def _group(events: Any) -> list[tuple[int, list[RawEvent]]]:
         else:
             groups.append((revision, [raw]))
     return groups
+
+
+# --- several ranges on one stream ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RangeEvents:
+    """All events of one revision on range ``index`` (everything before it on that range came earlier)."""
+
+    index: int
+    revision: int
+    events: list[RawEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class RangeProgress:
+    """Range ``index`` (None: every range on the stream) has sent everything up to ``revision``."""
+
+    index: int | None
+    revision: int
+
+
+RangeItem = RangeEvents | RangeProgress
+
+_PROGRESS_WATCH_ID = -1  # etcd's answer to a WatchProgressRequest (clientv3.InvalidWatchID)
+
+
+class RangeWatch:
+    """Several key ranges watched on one gRPC Watch stream (the module's guarantees, per range).
+
+    Each range resumes after a reconnect from just after the last event or progress it
+    delivered. :meth:`request_progress` sends a ``WatchProgressRequest``; etcd answers it
+    (a :class:`RangeProgress` with ``index`` None) once every watcher on the stream has sent
+    everything up to the answer's revision. A request outstanding when the stream is
+    re-established is sent again on the new stream. ``start_revision`` > 0 (a position to
+    resume from; the ranges need a common known start for ``store/ranges.py``).
+    """
+
+    def __init__(
+        self,
+        source: ChannelSource,
+        ranges: list[tuple[bytes, bytes]],
+        start_revision: int,
+        settings: WatchSettings,
+        probe: Probe,
+    ) -> None:
+        if not ranges or start_revision < 1:
+            raise ValueError("a range watch needs ranges and a start revision")
+        self.source = source
+        self.ranges = ranges
+        self.settings = settings
+        self.probe = probe
+        self.next = [start_revision] * len(ranges)  # per range: the next revision it must deliver
+        self._requests: asyncio.Queue[WatchRequest] | None = None
+        self._progress_wanted = False
+        self.progress_requests = 0  # sent (for tests and benchmarks)
+
+    def request_progress(self) -> None:
+        """Ask etcd to confirm progress of every range (once until answered)."""
+        if self._progress_wanted:
+            return
+        self._progress_wanted = True
+        self._send_progress()
+
+    def _send_progress(self) -> None:
+        if self._requests is not None:
+            self.progress_requests += 1
+            self._requests.put_nowait(WatchRequest(progress_request={}))
+
+    async def _request_stream(self, queue: asyncio.Queue[WatchRequest]) -> AsyncIterator[WatchRequest]:
+        while True:
+            yield await queue.get()
+
+    async def items(self) -> AsyncGenerator[RangeItem, None]:
+        """Events per range and revision, and progress. Raises CompactedError, EtcdUnavailable,
+        StoreError as :func:`watch_revisions` does."""
+        settings = self.settings
+        silent_since = time.monotonic()
+        backoff = settings.initial_backoff
+
+        async def probe_and_mark() -> None:
+            nonlocal silent_since
+            await self.probe()
+            silent_since = time.monotonic()
+
+        while True:
+            queue: asyncio.Queue[WatchRequest] = asyncio.Queue()
+            for (key, end), start in zip(self.ranges, self.next, strict=True):
+                queue.put_nowait(WatchRequest(create_request=WatchCreateRequest(
+                    key=key, range_end=end, start_revision=start, progress_notify=True)))
+            self._requests = queue
+            if self._progress_wanted:
+                self._send_progress()  # outstanding on the stream that was lost
+            ids: dict[int, int] = {}  # watch id -> range index (created in request order)
+            channel = self.source.channel
+            call = WatchStub(channel).Watch(self._request_stream(queue))
+            try:
+                while True:
+                    response = await _read(call, probe_and_mark, settings.probe_interval)
+                    if response is grpc.aio.EOF:
+                        raise _StreamStalled("stream closed by the server")
+                    silent_since = time.monotonic()
+                    self.source.succeeded()
+                    backoff = settings.initial_backoff
+                    if response.compact_revision > 0:
+                        raise CompactedError(min(self.next), int(response.compact_revision))
+                    if response.canceled:
+                        raise StoreError(f"watch cancelled by etcd: {response.cancel_reason or 'no reason'}")
+                    watch_id = int(response.watch_id)
+                    if response.created:
+                        ids[watch_id] = len(ids)
+                        continue
+                    revision = int(response.header.revision)
+                    if watch_id == _PROGRESS_WATCH_ID and not response.events:
+                        if len(ids) < len(self.ranges):
+                            continue  # not every range is on the stream yet: no proof for them
+                        self._progress_wanted = False
+                        self.next = [max(n, revision + 1) for n in self.next]
+                        yield RangeProgress(None, revision)
+                        continue
+                    index = ids.get(watch_id)
+                    if index is None:
+                        continue  # not one of ours
+                    if not response.events:
+                        self.next[index] = max(self.next[index], revision + 1)
+                        yield RangeProgress(index, revision)
+                        continue
+                    for rev, events in _group(response.events):
+                        self.next[index] = rev + 1
+                        yield RangeEvents(index, rev, events)
+            except (grpc.aio.AioRpcError, _StreamStalled) as exc:
+                if self.source.channel is not channel:
+                    log.info("etcd channel replaced; resuming the range watch")
+                    continue
+                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in _TRANSIENT:
+                    raise StoreError(f"watch failed: {exc.code().name} {exc.details()}") from exc
+                waited = time.monotonic() - silent_since
+                reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                if waited >= settings.retry_timeout:
+                    raise EtcdUnavailable(f"etcd watch unavailable for {waited:.1f}s ({reason})") from exc
+                log.warning("etcd range watch interrupted (%s); resuming", reason)
+                await self.source.failed(f"watch: {reason}")
+                await self.source.pause(backoff)
+                backoff = min(backoff * 2, settings.max_backoff)
+            finally:
+                self._requests = None
+                call.cancel()

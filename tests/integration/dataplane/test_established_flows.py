@@ -24,8 +24,8 @@ from netfence.dataplane.render import ESTABLISHED_RETURN, render
 from netfence.dataplane.ruleset import FORWARD_CHAIN, Ruleset
 from netfence.dataplane.runner import SubprocessRunner
 from netfence.model.enforcement import CompiledPolicy, CompiledPort, CompiledRule, Endpoint, NodeModel, PeerSet
-from netfence.testbed.ports import SourcePorts
-from netfence.testbed.probe import Probe, Prober
+from netfence_lab.ports import SourcePorts
+from netfence_lab.probe import Probe, Prober
 
 pytestmark = pytest.mark.netns
 

@@ -62,11 +62,11 @@ from tests.integration.enforcement_helpers import (
 )
 from tests.integration.helpers import eventually
 
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import NetfenceEnv, finalize_namespace
-from netfence.testbed.kubelet import PodHandle
-from netfence.testbed.probe import Probe
-from netfence.testbed.process import free_port
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.env import NetfenceEnv, finalize_namespace
+from netfence_lab.kubelet import PodHandle
+from netfence_lab.probe import Probe
+from netfence_lab.process import free_port
 
 log = logging.getLogger(__name__)
 

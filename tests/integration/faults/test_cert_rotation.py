@@ -43,9 +43,9 @@ from netfence.store.credentials import cert_info, pem_certificates
 from netfence.store.errors import StoreError
 from netfence.store.etcd import EtcdStore
 from netfence.store.settings import EtcdSettings
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import EtcdTls, NetfenceEnv
-from netfence.testbed.etcd_tls import Issued, SecretVolume, TestCa, TlsEtcdServer
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.env import EtcdTls, NetfenceEnv
+from netfence_lab.etcd_tls import Issued, SecretVolume, TestCa, TlsEtcdServer
 
 pytestmark = pytest.mark.integration
 

@@ -48,8 +48,8 @@ from tests.integration.helpers import eventually
 
 from netfence.store import layout as L
 from netfence.store.etcd import EtcdStore
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import NetfenceEnv
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.env import NetfenceEnv
 
 REWRITE_BUDGET = 2.0  # seconds from a foreign write to the controller's rewrite
 STATUS_WINDOW = 1.5  # test (iii): the restarted controller's coalescing window (it delays the rewrite)

@@ -40,9 +40,9 @@ from tests.integration.enforcement_helpers import (
 )
 from tests.integration.helpers import eventually, first_answer
 
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import NetfenceEnv
-from netfence.testbed.probe import Probe
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.env import NetfenceEnv
+from netfence_lab.probe import Probe
 
 RECOVERY_BUDGET = 3.0  # seconds from etcd answering to the change being enforced everywhere
 

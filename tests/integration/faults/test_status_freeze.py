@@ -41,8 +41,8 @@ from tests.integration.enforcement_helpers import (
 from tests.integration.helpers import eventually
 from tests.unit.status.crd_limits import status_schema, violations
 
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import NetfenceEnv
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.env import NetfenceEnv
 
 NS = "sfz"
 MANY = "many-rules"

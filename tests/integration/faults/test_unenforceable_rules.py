@@ -45,9 +45,9 @@ from tests.integration.enforcement_helpers import (
 )
 from tests.integration.helpers import eventually
 
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import NetfenceEnv
-from netfence.testbed.probe import Prober
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.env import NetfenceEnv
+from netfence_lab.probe import Prober
 
 SCTP_PORT = 80
 FEATURE = "sctp-port-match"

@@ -11,8 +11,8 @@ import pytest
 from etcd3aio import Etcd3Client
 
 from netfence.store.etcd import EtcdConfig, EtcdStore
-from netfence.testbed.etcd_server import EtcdServer
-from netfence.testbed.tools import cache_dir
+from netfence_lab.etcd_server import EtcdServer
+from netfence_lab.tools import cache_dir
 
 
 def etcd_binary() -> Path:

@@ -20,8 +20,8 @@ from netfence.store.etcd import EtcdStore
 from netfence.store.settings import EtcdSettings
 from netfence.store.tasks import cancel_and_wait
 from netfence.store.types import CommitBatch
-from netfence.testbed.etcd_tls import Issued, SecretVolume, TestCa, TlsEtcdServer
-from netfence.testbed.tools import cache_dir
+from netfence_lab.etcd_tls import Issued, SecretVolume, TestCa, TlsEtcdServer
+from netfence_lab.tools import cache_dir
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from netfence.store import layout as L
 from netfence.store.election import LeaderElection
 from netfence.store.errors import NotLeaderError
 from netfence.store.etcd import EtcdStore
-from netfence.testbed.etcd_server import EtcdServer
+from netfence_lab.etcd_server import EtcdServer
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from netfence.store.election import LeaderElection
 from netfence.store.errors import EtcdUnavailable
 from netfence.store.etcd import EtcdConfig, EtcdStore
 from netfence.store.tasks import cancel_and_wait
-from netfence.testbed.etcd_server import EtcdServer
+from netfence_lab.etcd_server import EtcdServer
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from netfence.store import layout as L
 from netfence.store.errors import StoreError
 from netfence.store.etcd import EtcdStore
 from netfence.store.tasks import cancel_and_wait
-from netfence.testbed.etcd_server import EtcdServer
+from netfence_lab.etcd_server import EtcdServer
 
 MakeStore = Callable[..., Awaitable[EtcdStore]]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from netfence.conformance.runner import (
+from netfence_lab.conformance.runner import (
     ExpectResult,
     ScenarioResult,
     ScenarioRun,
@@ -17,7 +17,7 @@ from netfence.conformance.runner import (
     summary_line,
     write_json,
 )
-from netfence.conformance.scenario import ScenarioError, parse_scenario
+from netfence_lab.conformance.scenario import ScenarioError, parse_scenario
 
 PAIRS = [("n/a", "n/b"), ("n/b", "n/a")]
 

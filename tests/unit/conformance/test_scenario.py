@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from netfence.conformance.scenario import (
+from netfence_lab.conformance.scenario import (
     ScenarioError,
     collect_files,
     load_scenario,

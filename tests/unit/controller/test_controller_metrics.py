@@ -18,7 +18,7 @@ from netfence.metrics_http import metrics_server
 from netfence.model.compiler import ModelEngine
 from netfence.status.aggregate import PolicyFacts
 from netfence.store.types import Fence
-from netfence.testbed.process import free_port
+from netfence_lab.process import free_port
 
 
 @dataclass

@@ -33,7 +33,7 @@ from netfence.store.credentials import (
     unreadable,
 )
 from netfence.store.settings import EtcdSettings
-from netfence.testbed.etcd_tls import Issued, SecretVolume, TestCa
+from netfence_lab.etcd_tls import Issued, SecretVolume, TestCa
 
 
 @dataclass(frozen=True)

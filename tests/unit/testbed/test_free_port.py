@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from netfence.testbed import process
-from netfence.testbed.process import ephemeral_range, free_port
+from netfence_lab import process
+from netfence_lab.process import ephemeral_range, free_port
 
 
 def test_ports_are_below_the_ephemeral_range_and_bindable() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from netfence.testbed import node
+from netfence_lab import node
 
 
 def test_kubelet_config_has_the_settings_this_vm_needs() -> None:

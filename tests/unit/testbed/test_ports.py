@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netfence.testbed.ports import (
+from netfence_lab.ports import (
     CONNTRACK_TIMEOUTS,
     QUARANTINE_MARGIN,
     PortAllocator,

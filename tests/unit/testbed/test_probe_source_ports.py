@@ -9,9 +9,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from netfence.testbed.netns import NetnsSwitcher
-from netfence.testbed.ports import SourcePorts
-from netfence.testbed.probe import Probe, Prober
+from netfence_lab.netns import NetnsSwitcher
+from netfence_lab.ports import SourcePorts
+from netfence_lab.probe import Probe, Prober
 
 T = TypeVar("T")
 

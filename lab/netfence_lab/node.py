@@ -48,16 +48,16 @@ from typing import Any
 
 import yaml
 
-from netfence.testbed.cluster import (
+from netfence_lab.cluster import (
     LocalCluster,
     ProcessRecord,
     proc_start_time,
     read_state,
     stop_recorded,
 )
-from netfence.testbed.netns import NETNS_DIR, add_netns, delete_netns, ip_batch, netns_pids, run
-from netfence.testbed.process import free_port
-from netfence.testbed.tools import Tools, cache_dir, find_repo_root
+from netfence_lab.netns import NETNS_DIR, add_netns, delete_netns, ip_batch, netns_pids, run
+from netfence_lab.process import free_port
+from netfence_lab.tools import Tools, cache_dir, find_repo_root
 
 log = logging.getLogger(__name__)
 

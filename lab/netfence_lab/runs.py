@@ -1,6 +1,6 @@
 """Test-bed run ids, who owns them, and clean-up of runs whose owner died.
 
-Every :class:`~netfence.testbed.fabric.Fabric` has a short run prefix (``nf`` +
+Every :class:`~netfence_lab.fabric.Fabric` has a short run prefix (``nf`` +
 4 hex digits by default). All its network namespaces are named
 ``<prefix>-fab``, ``<prefix>-n<i>``, ``<prefix>-p<n>``; its pod servers carry
 ``--run <prefix>`` on their command line; and while it is open an owner record
@@ -24,14 +24,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from netfence.testbed.netns import delete_netns, kill_pids, list_netns, netns_path, netns_pids
+from netfence_lab.netns import delete_netns, kill_pids, list_netns, netns_path, netns_pids
 
 log = logging.getLogger(__name__)
 
 OWNER_DIR = Path("/run/netfence-testbed")
 DEFAULT_PREFIX_PATTERN = r"nf[0-9a-f]{4}"
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,7}$")
-PODSERVER_MODULE = "netfence.testbed.podserver"
+PODSERVER_MODULE = "netfence_lab.podserver"
 _NETNS_SUFFIX = r"-(?:fab|n\d+|p\d+)"
 
 

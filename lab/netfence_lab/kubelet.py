@@ -1,7 +1,7 @@
 """The test bed's "kubelet": Kubernetes Node and Pod objects backed by the namespace fabric.
 
 It registers Nodes (pod CIDR, InternalIP, Ready), creates pods in two halves
-(the pod's network namespace and servers via :class:`~netfence.testbed.fabric.Fabric`,
+(the pod's network namespace and servers via :class:`~netfence_lab.fabric.Fabric`,
 then the Pod object bound to its node with ``spec.nodeName``, then its status
 through the status subresource) and deletes them again.
 
@@ -23,7 +23,7 @@ from typing import Any
 from kubernetes_asyncio.client import ApiClient, CoreV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from netfence.testbed.fabric import Fabric, NodeNet
+from netfence_lab.fabric import Fabric, NodeNet
 
 __all__ = ["Kubelet", "PodHandle", "node_name", "pod_ip", "port_name"]
 

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.etcd_server import EtcdServer
-from netfence.testbed.fabric import Fabric
-from netfence.testbed.kubelet import Kubelet
-from netfence.testbed.process import ManagedProcess, free_port
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.etcd_server import EtcdServer
+from netfence_lab.fabric import Fabric
+from netfence_lab.kubelet import Kubelet
+from netfence_lab.process import ManagedProcess, free_port
 
 if TYPE_CHECKING:
     from netfence.store.settings import EtcdSettings

@@ -2,7 +2,7 @@
 
 A socket belongs to the network namespace it was created in, whichever thread
 uses it later. So the :class:`Prober` creates each probe's socket inside the
-source pod's namespace on the switcher thread (:mod:`netfence.testbed.netns`)
+source pod's namespace on the switcher thread (:mod:`netfence_lab.netns`)
 and does the (blocking, timed) exchange on the caller's thread. Probes are
 therefore safe to run concurrently; :meth:`Prober.probe_many` does so with
 bounded concurrency.
@@ -13,7 +13,7 @@ timeout (1 s by default). SCTP probes return ``None`` when the kernel has no
 SCTP, meaning "skipped", never "passed".
 
 Source ports: by default the kernel picks them. A prober given
-:class:`~netfence.testbed.ports.SourcePorts` (the conformance runner's, one per
+:class:`~netfence_lab.ports.SourcePorts` (the conformance runner's, one per
 run) binds every probe's socket to a port of its own instead, so no probe
 reuses the 5-tuple of an earlier one whose conntrack entry may still exist: a
 probe is always a new flow, judged by the policy in force now.
@@ -29,8 +29,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from netfence.testbed.netns import NetnsSwitcher, default_switcher
-from netfence.testbed.ports import SourcePorts
+from netfence_lab.netns import NetnsSwitcher, default_switcher
+from netfence_lab.ports import SourcePorts
 
 log = logging.getLogger(__name__)
 

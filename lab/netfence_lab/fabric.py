@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netfence.testbed.netns import (
+from netfence_lab.netns import (
     NetnsError,
     add_netns,
     check_ifname,
@@ -41,8 +41,8 @@ from netfence.testbed.netns import (
     run,
     set_sysctls,
 )
-from netfence.testbed.process import ManagedProcess, StartupError
-from netfence.testbed.runs import (
+from netfence_lab.process import ManagedProcess, StartupError
+from netfence_lab.runs import (
     PODSERVER_MODULE,
     check_prefix,
     cleanup_stale,

@@ -9,9 +9,12 @@ import urllib.request
 from pathlib import Path
 
 from netfence.cli import CliError, Subcommands, add_command, out
-from netfence.testbed.pki import Pki
-from netfence.testbed.process import port_in_use
-from netfence.testbed.tools import cache_dir
+from netfence_lab.cli_errors import LAB_ERRORS
+from netfence_lab.pki import Pki
+from netfence_lab.process import port_in_use
+from netfence_lab.tools import cache_dir
+
+KNOWN_ERRORS = LAB_ERRORS  # netfence.cli.main reports these as one line
 
 EXIT_NOT_RUNNING = 3
 
@@ -75,8 +78,8 @@ def _api_get(workdir: Path, api_url: str, path: str) -> dict[str, object] | None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from netfence.testbed.cluster import LocalCluster, raise_on_signals, read_state
-    from netfence.testbed.tools import ensure_tools
+    from netfence_lab.cluster import LocalCluster, raise_on_signals, read_state
+    from netfence_lab.tools import ensure_tools
 
     workdir = _dir(args)
     if args.port is not None and port_in_use(args.port):
@@ -108,7 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from netfence.testbed.cluster import read_state, stop_recorded
+    from netfence_lab.cluster import read_state, stop_recorded
 
     workdir = _dir(args)
     state = read_state(workdir)
@@ -124,7 +127,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from netfence.testbed.cluster import read_state
+    from netfence_lab.cluster import read_state
 
     workdir = _dir(args)
     state = read_state(workdir)

@@ -7,7 +7,7 @@ import shutil
 import urllib.request
 from pathlib import Path
 
-from netfence.testbed.process import ManagedProcess, free_port
+from netfence_lab.process import ManagedProcess, free_port
 
 log = logging.getLogger(__name__)
 

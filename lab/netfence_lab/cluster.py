@@ -44,10 +44,10 @@ from typing import Any
 
 import yaml
 
-from netfence.testbed.apiserver import KubeApiServer
-from netfence.testbed.etcd_server import EtcdServer
-from netfence.testbed.process import ManagedProcess, StartupError, port_in_use
-from netfence.testbed.tools import Tools
+from netfence_lab.apiserver import KubeApiServer
+from netfence_lab.etcd_server import EtcdServer
+from netfence_lab.process import ManagedProcess, StartupError, port_in_use
+from netfence_lab.tools import Tools
 
 log = logging.getLogger(__name__)
 

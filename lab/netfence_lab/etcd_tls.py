@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from netfence.testbed.etcd_server import EtcdServer
-from netfence.testbed.pki import new_ec_key
-from netfence.testbed.pki import openssl as _openssl
+from netfence_lab.etcd_server import EtcdServer
+from netfence_lab.pki import new_ec_key
+from netfence_lab.pki import openssl as _openssl
 
 _CLIENT_EXTENSIONS = (
     "basicConstraints = critical, CA:FALSE",

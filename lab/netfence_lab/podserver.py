@@ -1,6 +1,6 @@
 """A pod's servers: one asyncio process per pod, run inside the pod's network namespace.
 
-``python -m netfence.testbed.podserver --tcp 80 --udp 80 --sctp 132 --name NS/POD [--ready-file F]``
+``python -m netfence_lab.podserver --tcp 80 --udp 80 --sctp 132 --name NS/POD [--ready-file F]``
 
 * TCP (and SCTP where the kernel has it): accept, read one line, reply with
   the pod name and a newline, close.
@@ -127,7 +127,7 @@ def _write_ready(path: str, bound: Bound) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="netfence.testbed.podserver", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="netfence_lab.podserver", description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="reply text, normally NS/POD")
     parser.add_argument("--tcp", type=int, action="append", default=[], metavar="PORT")
     parser.add_argument("--udp", type=int, action="append", default=[], metavar="PORT")

@@ -4,9 +4,9 @@ Each scenario gets a fresh Netfence state on a shared control plane: a new
 etcd prefix, a new controller, new namespace nodes with one agent each, and
 its namespaces and pods; afterwards everything it created is deleted.
 
-Every probe of a run is a new flow: the run's :class:`~netfence.testbed.probe.Prober`
+Every probe of a run is a new flow: the run's :class:`~netfence_lab.probe.Prober`
 binds each probe to a source port from one per-run
-:class:`~netfence.testbed.ports.SourcePorts`, which hands a port out again only
+:class:`~netfence_lab.ports.SourcePorts`, which hands a port out again only
 after every conntrack entry the earlier probe could have left has expired, and
 never uses a port the run probes as a destination. (A reused 5-tuple would be a
 packet of the earlier probe's flow, and could pass a policy that denies new ones.)
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netfence.conformance.scenario import (
+from netfence_lab.cluster import LocalCluster
+from netfence_lab.conformance.scenario import (
     Expectation,
     PodSpec,
     Scenario,
@@ -34,11 +35,10 @@ from netfence.conformance.scenario import (
     Step,
     substitute,
 )
-from netfence.conformance.tables import diff_table, format_table
-from netfence.testbed.cluster import LocalCluster
-from netfence.testbed.env import EnforcementTimeout, NetfenceEnv
-from netfence.testbed.ports import SourcePorts
-from netfence.testbed.probe import Probe, Prober
+from netfence_lab.conformance.tables import diff_table, format_table
+from netfence_lab.env import EnforcementTimeout, NetfenceEnv
+from netfence_lab.ports import SourcePorts
+from netfence_lab.probe import Probe, Prober
 
 log = logging.getLogger(__name__)
 

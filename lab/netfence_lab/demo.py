@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from netfence.cli import Subcommands, add_command
-from netfence.testbed.tools import cache_dir
+from netfence_lab.cli_errors import LAB_ERRORS
+from netfence_lab.tools import cache_dir
+
+KNOWN_ERRORS = LAB_ERRORS  # netfence.cli.main reports these as one line
 
 Out = Callable[[str], None]
 
@@ -150,10 +153,10 @@ def drop_counters(netns: str) -> list[tuple[str, int, str]]:
 
 
 async def run_demo(out: Out, keep: bool, workdir: Path, style: Style) -> int:
-    from netfence.testbed.cluster import LocalCluster
-    from netfence.testbed.env import NetfenceEnv
-    from netfence.testbed.probe import Probe, Prober
-    from netfence.testbed.tools import ensure_tools
+    from netfence_lab.cluster import LocalCluster
+    from netfence_lab.env import NetfenceEnv
+    from netfence_lab.probe import Probe, Prober
+    from netfence_lab.tools import ensure_tools
 
     def step(text: str) -> None:
         out("")
@@ -294,8 +297,8 @@ def _indent(text: str) -> str:
 
 
 def stop_kept(workdir: Path, out: Out) -> int:
-    from netfence.testbed.cluster import read_state, stop_recorded
-    from netfence.testbed.runs import remove_run
+    from netfence_lab.cluster import read_state, stop_recorded
+    from netfence_lab.runs import remove_run
 
     state_path = workdir / "demo.json"
     if not state_path.exists():

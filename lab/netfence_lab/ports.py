@@ -13,7 +13,7 @@ a finished probe can leave behind:
   the time). Never-used ports come first, in ascending order; after that the
   port released longest ago, once its quarantine is over. A port is never
   reused within a run while unused ones remain.
-* :class:`SourcePorts` is the thread-safe edge the :class:`~netfence.testbed.probe.Prober`
+* :class:`SourcePorts` is the thread-safe edge the :class:`~netfence_lab.probe.Prober`
   uses: one allocator per protocol (the protocol is part of the 5-tuple), waiting
   (bounded) when every port is in quarantine.
 

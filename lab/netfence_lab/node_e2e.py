@@ -34,8 +34,8 @@ from typing import Any
 import yaml
 
 from netfence.cli import out
-from netfence.testbed.node import LocalNode, NodeError, default_dir, down, ensure_node_tools
-from netfence.testbed.tools import ensure_tools, find_repo_root
+from netfence_lab.node import LocalNode, NodeError, default_dir, down, ensure_node_tools
+from netfence_lab.tools import ensure_tools, find_repo_root
 
 log = logging.getLogger(__name__)
 

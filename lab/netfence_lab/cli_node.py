@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 
 from netfence.cli import CliError, Subcommands, add_command, out
+from netfence_lab.cli_errors import LAB_ERRORS
+
+KNOWN_ERRORS = LAB_ERRORS  # netfence.cli.main reports these as one line
 
 
 def register(sub: Subcommands) -> None:
@@ -23,15 +26,15 @@ def register(sub: Subcommands) -> None:
 
 
 def _dir(args: argparse.Namespace) -> Path:
-    from netfence.testbed.node import default_dir
+    from netfence_lab.node import default_dir
 
     return (args.dir or default_dir()).expanduser().resolve()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from netfence.testbed.cluster import raise_on_signals
-    from netfence.testbed.node import NODE_NAME, LocalNode, NodeError, ensure_node_tools
-    from netfence.testbed.tools import ensure_tools
+    from netfence_lab.cluster import raise_on_signals
+    from netfence_lab.node import NODE_NAME, LocalNode, NodeError, ensure_node_tools
+    from netfence_lab.tools import ensure_tools
 
     workdir = _dir(args)
     restore = raise_on_signals()
@@ -55,7 +58,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from netfence.testbed.node import down
+    from netfence_lab.node import down
 
     workdir = _dir(args)
     done = down(workdir)

@@ -10,8 +10,11 @@ import tempfile
 from pathlib import Path
 
 from netfence.cli import Subcommands, add_command
-from netfence.conformance.runner import run_scenarios, summary_line, write_json
-from netfence.conformance.scenario import Scenario, ScenarioError, collect_files, load_scenario
+from netfence_lab.cli_errors import LAB_ERRORS
+from netfence_lab.conformance.runner import run_scenarios, summary_line, write_json
+from netfence_lab.conformance.scenario import Scenario, ScenarioError, collect_files, load_scenario
+
+KNOWN_ERRORS = LAB_ERRORS  # netfence.cli.main reports these as one line
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,8 @@ def load_all(paths: list[Path]) -> list[Scenario | ScenarioError]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from netfence.testbed.cluster import LocalCluster
-    from netfence.testbed.tools import ensure_tools
+    from netfence_lab.cluster import LocalCluster
+    from netfence_lab.tools import ensure_tools
 
     def out(line: str) -> None:
         sys.stdout.write(line + "\n")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from netfence.testbed.pki import Pki, generate_pki
-from netfence.testbed.process import ManagedProcess, free_port
+from netfence_lab.pki import Pki, generate_pki
+from netfence_lab.process import ManagedProcess, free_port
 
 log = logging.getLogger(__name__)
 

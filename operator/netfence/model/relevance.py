@@ -1,0 +1,163 @@
+"""Which committed keys matter to one node (pure; the one definition both sides use).
+
+A node's rules depend on its own endpoints, the policies those endpoints list
+(in any direction or tier), the peer sets those policies reference, and the
+layout schema (``meta/schema``). A commit is *relevant to node N* iff it
+changed a key of that kind — judged with N's references both before and after
+the commit (a policy N stops using still changes N's rules; one it starts
+using too). Everything else (other nodes' endpoints, policies and sets no
+endpoint of N refers to, controller bookkeeping such as ``meta/observed``)
+leaves N's rules as they were.
+
+* The agent (``agent/loop.py``) neither applies nor rewrites its report for a
+  commit that is not relevant to its node (:func:`commit_relevant`).
+* Status aggregation (``controller/status_writer.py``) needs, per policy P and
+  required node N, the revision of the last change to P's keys that is
+  relevant to N (:func:`node_keys`): a node that a commit does not touch stays
+  synced without reporting. That revision is always a commit relevant to N
+  (the max over keys N uses), so an agent following this rule reaches it; an
+  agent that reports every commit (older agents) reaches it too.
+
+Key families are data (:data:`FAMILIES`): a new kind of key (a new policy
+kind) is a new row naming what it is (``endpoint``, ``policy``, ``set``,
+``layout``, ``bookkeeping``) and how its name is read. A committed key of an
+unknown family is relevant to every node (applying too often is safe;
+skipping a change is not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Kind = Literal["endpoint", "policy", "clusterpolicy", "set", "layout", "bookkeeping"]
+
+
+def _rest(rest: str) -> str | None:
+    return rest or None
+
+
+def _first(rest: str) -> str | None:
+    head = rest.partition("/")[0]
+    return head or None
+
+
+def _endpoint_node(rest: str) -> str | None:
+    node, sep, _ = rest.partition("/")
+    return node if node and sep else None
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """Keys starting with ``prefix`` (or equal to it when ``exact``): what they are and their name."""
+
+    prefix: str
+    kind: Kind
+    name: Callable[[str], str | None] = _rest  # the name within the kind, from the rest of the key
+    exact: bool = False
+
+
+#: Committed key families, most specific first. ``endpoint`` names are node names.
+FAMILIES: tuple[Family, ...] = (
+    Family("endpoints/", "endpoint", _endpoint_node),
+    Family("policies/", "policy"),
+    Family("sets/", "set"),
+    Family("sets2/", "set", _first),  # layout schema 2: ``sets2/<id>[/<chunk>]``
+    Family("meta/schema", "layout", exact=True),
+    Family("meta/", "bookkeeping"),  # meta/observed and the like: no agent applies them
+)
+
+
+def classify(key: str) -> tuple[Kind, str | None] | None:
+    """``(kind, name)`` of a committed key; None for a key of no known family."""
+    for family in FAMILIES:
+        if family.exact:
+            if key == family.prefix:
+                return family.kind, None
+        elif key.startswith(family.prefix):
+            return family.kind, family.name(key[len(family.prefix):])
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeUses:
+    """What a node's rules refer to: names per kind (``policy``: ``ns/name``; ``set``: set ids)."""
+
+    node: str
+    names: Mapping[Kind, frozenset[str]] = field(default_factory=dict)
+
+    def uses(self, kind: Kind, name: str | None) -> bool:
+        return name is not None and name in self.names.get(kind, frozenset())
+
+
+def key_relevant(key: str, uses: NodeUses) -> bool:
+    """Whether a change of ``key`` can change the rules of ``uses.node`` (given what it uses)."""
+    found = classify(key)
+    if found is None:
+        return True  # unknown family: conservative
+    kind, name = found
+    if kind == "endpoint":
+        return name == uses.node
+    if kind == "layout":
+        return True
+    if kind == "bookkeeping":
+        return False
+    return uses.uses(kind, name)
+
+
+def commit_relevant(keys: Iterable[str], before: NodeUses, after: NodeUses) -> bool:
+    """Whether a commit changing ``keys`` is relevant to the node: some key matters to it with
+    its references before the commit or after it."""
+    return any(key_relevant(key, before) or key_relevant(key, after) for key in keys)
+
+
+class _Endpoint(Protocol):
+    @property
+    def ingress(self) -> tuple[str, ...]: ...
+
+    @property
+    def egress(self) -> tuple[str, ...]: ...
+
+
+class _Policy(Protocol):
+    @property
+    def set_ids(self) -> frozenset[str]: ...
+
+
+#: Endpoint fields naming policies, per kind (a new policy kind adds its fields here).
+ENDPOINT_REFERENCES: tuple[tuple[Kind, tuple[str, ...]], ...] = (
+    ("policy", ("ingress", "egress")),
+    ("clusterpolicy", ("admin_ingress", "admin_egress", "baseline_ingress", "baseline_egress")),
+)
+
+
+def node_uses(
+    node: str,
+    endpoints: Iterable[_Endpoint],
+    policies: Mapping[Kind, Mapping[str, _Policy]],
+) -> NodeUses:
+    """What ``node``'s endpoints refer to: policies of every kind they list, and the sets of
+    those policies (``policies``: the decoded policies per kind, by name)."""
+    names: dict[Kind, set[str]] = {"set": set()}
+    for endpoint in endpoints:
+        for kind, fields in ENDPOINT_REFERENCES:
+            for attr in fields:
+                names.setdefault(kind, set()).update(getattr(endpoint, attr, ()))
+    for kind, _fields in ENDPOINT_REFERENCES:
+        known = policies.get(kind, {})
+        for name in names.get(kind, ()):
+            policy = known.get(name)
+            if policy is not None:
+                names["set"].update(policy.set_ids)
+    return NodeUses(node, {kind: frozenset(values) for kind, values in names.items()})
+
+
+def node_keys(keys: Iterable[str], node: str, policy_kind: Kind, policy: str) -> list[str]:
+    """Of one policy's relevant keys (its own key, its sets' keys, its endpoints' keys on every
+    node), those relevant to ``node`` when ``node`` uses that policy: all but other nodes'
+    endpoints."""
+    keys = list(keys)
+    set_ids = {found[1] for key in keys if (found := classify(key)) and found[0] == "set" and found[1]}
+    uses = NodeUses(node, {policy_kind: frozenset((policy,)), "set": frozenset(set_ids)})
+    return [key for key in keys if key_relevant(key, uses)]
