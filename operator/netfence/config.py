@@ -95,6 +95,9 @@ class ControllerConfig:
         _check_logging(self.log_level, self.log_format)
 
 
+WATCH_SCOPES = ("node", "prefix")
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     node: str
@@ -111,8 +114,13 @@ class AgentConfig:
     log_format: str = "text"
     max_schema: int = 2  # newest etcd layout schema this agent reads (1 behaves like agents before schema 2)
     disable_features: tuple[str, ...] = ()  # kernel feature ids (dataplane/render.py) to treat as missing
+    # "node": watch only what this node needs, skip commits not relevant to it (issue 11);
+    # "prefix": benchmarks and upgrade tests only: behave as agents before (whole prefix, every commit).
+    watch_scope: str = "node"
 
     def __post_init__(self) -> None:
+        if self.watch_scope not in WATCH_SCOPES:
+            raise ConfigError(f"watch scope {self.watch_scope!r}: one of {', '.join(WATCH_SCOPES)}")
         if not self.node:
             raise ConfigError("node name is required (--node or NETFENCE_NODE)")
         if self.max_schema not in KNOWN_SCHEMAS:
@@ -284,6 +292,9 @@ def agent_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
             "newest etcd layout schema to read and report in schemaSupported (1: as agents before schema 2)")
     opt.add("--disable-features", "DISABLE_FEATURES", "",
             "comma-separated kernel feature ids to treat as missing (e.g. sctp-port-match)")
+    opt.add("--watch-scope", "WATCH_SCOPE", "node",
+            "benchmarks and upgrade tests only: 'prefix' behaves as agents before issue 11 (watch the "
+            "whole etcd prefix, apply and report every commit); default 'node'")
     _add_metrics(opt)
     _add_etcd(opt)
     _add_logging(opt)
@@ -308,4 +319,5 @@ def load_agent_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         log_format=args.log_format,
         max_schema=_number(args, "--max-schema", int),
         disable_features=tuple(f.strip() for f in str(args.disable_features or "").split(",") if f.strip()),
+        watch_scope=str(args.watch_scope),
     )

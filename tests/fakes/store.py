@@ -27,7 +27,7 @@ import asyncio
 import bisect
 import contextlib
 import json
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ from netfence.store import layout as L
 from netfence.store.commit_window import CommitWindow, foreign_in_snapshot
 from netfence.store.errors import CompactedError, CorruptValueError, EtcdUnavailable, NotLeaderError, StoreError
 from netfence.store.layout import Layout
+from netfence.store.ranges import KeyRange
 from netfence.store.settings import MAX_OPS_PER_TXN
 from netfence.store.types import (
     Acquired,
@@ -301,7 +302,12 @@ class FakeCommittedReader(_Role):
 
     Unlike the real reader it does not try to resume across a compaction: a
     follow from a compacted revision raises CompactedError at once.
+    ``delivered_events``: watched key events handed to followers (with ``ranges``, only theirs).
     """
+
+    def __init__(self, etcd: MemoryEtcd) -> None:
+        super().__init__(etcd)
+        self.delivered_events = 0
 
     async def commit_revision(self) -> int:
         self.etcd.check("commit revision")
@@ -327,12 +333,25 @@ class FakeCommittedReader(_Role):
         return CommittedState(values, commit_revision, revision, foreign, mods)
 
     async def follow_commits(
-        self, after_revision: int, include: Include | None = None, *, foreign_batches: bool = False
+        self,
+        after_revision: int,
+        include: Include | None = None,
+        *,
+        foreign_batches: bool = False,
+        ranges: Sequence[KeyRange] | None = None,
     ) -> AsyncGenerator[CommitBatch, None]:
         window = CommitWindow(after_revision, include)
         stream = self.etcd.watch("", after_revision)
+        scope = None if ranges is None else [KeyRange(L.COMMIT, False), KeyRange(L.PENDING, False), *ranges]
         async with contextlib.aclosing(stream):
-            async for revision, changes in stream:
+            async for revision, every in stream:
+                # one revision at a time, like the real merged watch (store/ranges.py) releases them
+                changes = every if scope is None else {
+                    k: v for k, v in every.items() if any(k.startswith(r.rel) if r.prefix else k == r.rel
+                                                          for r in scope)}
+                self.delivered_events += len(changes)
+                if not changes:
+                    continue
                 batch, foreign = window.feed(revision, changes)
                 if batch is not None:
                     yield batch
@@ -380,7 +399,7 @@ class FakeFencedWriter(_Role):
             size = self.etcd.max_ops_per_txn
             chunks: list[Changes] = [dict(items[i: i + size]) for i in range(0, len(items), size)] or [{}]
             seq = self._seq + 1
-            marker = L.encode({"seq": seq, "time": "2024-01-01T00:00:00.000Z", "controller": self.identity})
+            marker = L.encode(L.commit_marker(seq, "2024-01-01T00:00:00.000Z", self.identity))
             if len(chunks) > 1:
                 chunks[0] = {L.PENDING: marker, **chunks[0]}
             chunks[-1] = {**chunks[-1], L.PENDING: None, L.COMMIT: marker}
@@ -545,9 +564,14 @@ class FakeStore(_Role):
         return await self.reader.committed_snapshot(include, max_wait=max_wait)
 
     def follow_commits(
-        self, after_revision: int, include: Include | None = None, *, foreign_batches: bool = False
+        self,
+        after_revision: int,
+        include: Include | None = None,
+        *,
+        foreign_batches: bool = False,
+        ranges: Sequence[KeyRange] | None = None,
     ) -> AsyncGenerator[CommitBatch, None]:
-        return self.reader.follow_commits(after_revision, include, foreign_batches=foreign_batches)
+        return self.reader.follow_commits(after_revision, include, foreign_batches=foreign_batches, ranges=ranges)
 
     # the fenced writer
     @property

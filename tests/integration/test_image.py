@@ -182,3 +182,27 @@ def test_pip_compile_keeps_the_locks_as_they_are(tmp_path: Path, lock: str, sour
          "--allow-unsafe", "--no-emit-index-url", "--no-emit-find-links", "--output-file", str(out), source],
         timeout=600, cwd=REPO, env=env)
     assert parse_lock(out.read_text()) == parse_lock((IMAGE / lock).read_text())
+
+
+def test_the_lab_distribution_adds_its_commands_to_the_runtime(installed_venv: Path, tmp_path: Path) -> None:
+    """`pip install . ./lab` (README) is one command away from `netfence demo` and `netfence conformance run`:
+    the lab's wheel, installed beside the runtime, adds its commands by entry point. A second venv that
+    sees the runtime venv's packages keeps the runtime venv itself free of the lab (the test above)."""
+    work = installed_venv.parent
+    shutil.copytree(REPO / "lab", tmp_path / "lab", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    run([str(work / "builder" / "bin" / "python"), "-m", "build", "--wheel", "--no-isolation",
+         "--outdir", str(tmp_path / "dist"), str(tmp_path / "lab")])
+    [lab_wheel] = (tmp_path / "dist").glob("netfence_lab-*.whl")
+    with_lab = tmp_path / "with-lab"
+    run([sys.executable, "-m", "venv", str(with_lab)])
+    [runtime_site] = (installed_venv / "lib").glob("python3*/site-packages")
+    [lab_site] = (with_lab / "lib").glob("python3*/site-packages")
+    (lab_site / "runtime.pth").write_text(f"{runtime_site}\n")
+    run([str(with_lab / "bin" / "pip"), "install", "--no-deps", "--no-index", str(lab_wheel)])
+    result = run([str(with_lab / "bin" / "python"), "-c", "import sys; from netfence.cli import main; "
+                  "sys.exit(main(['--help']))"], env={"PATH": "/usr/bin:/bin"})
+    for command in ("status", "explain", "demo", "conformance", "cluster", "node"):
+        assert f"    {command} " in result.stdout, result.stdout
+    result = run([str(with_lab / "bin" / "python"), "-c", "import sys; from netfence.cli import main; "
+                  "sys.exit(main(['conformance', 'run', '--help']))"], env={"PATH": "/usr/bin:/bin"})
+    assert "usage: netfence conformance run" in result.stdout

@@ -5,6 +5,12 @@
   arrive while an apply runs are applied together, in order, by the next one
   (agent/commits.py). The store is known only as an ``AgentStore``
   (store/protocols.py).
+* Fan-out (issue 11): the agent watches only the commit marker, policies, sets
+  and its own node's endpoints (``agent/commits.py`` ``node_ranges``). A commit
+  that does not touch this node (``model/relevance.py``) is neither applied nor
+  reported — unless its marker comes from a controller that wants every commit
+  reported; then only the report moves. ``--watch-scope prefix`` restores the
+  behaviour of agents before (benchmarks, upgrade tests).
 * Fail-static: nothing is ever flushed on start, stop or error. The first apply
   after start replaces whatever is in the kernel atomically; until then the
   previous rules stay in force.
@@ -33,7 +39,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from netfence import __version__
-from netfence.agent.commits import coalesced
+from netfence.agent.commits import Action, absorb, coalesced, node_ranges
 from netfence.agent.integrity import KeyState, bad_key_entries, report_fields, unenforceable_entries
 from netfence.agent.metrics import AgentMetrics
 from netfence.agent.node_state import NodeState
@@ -52,7 +58,10 @@ log = logging.getLogger(__name__)
 class AgentHealth:
     node: str = ""
     etcd_connected: bool = False
-    applied_revision: int = 0
+    applied_revision: int = 0  # the last commit applied (and reported)
+    #: the last commit whose state the kernel enforces, commits that did not touch this node
+    #: included (they are neither applied nor reported; model/relevance.py)
+    synced_revision: int = 0
     target_revision: int = 0
     last_error: str | None = None
     last_sync: str | None = None
@@ -71,6 +80,7 @@ class AgentHealth:
             "etcdConnected": self.etcd_connected,
             "appliedRevision": self.applied_revision,
             "targetRevision": self.target_revision,
+            "syncedRevision": self.synced_revision,
             "lastError": self.last_error,
             "lastSync": self.last_sync,
             "rules": self.rules,
@@ -132,18 +142,24 @@ class Agent:
                 self._revision = snapshot.commit_revision
                 await self.apply()
                 backoff = 0.2
-                batches = self.store.follow_commits(self._revision, include=self.state.wants, foreign_batches=True)
-                # Commits that arrive while an apply runs are applied together, in order (agent/commits.py).
+                every_commit = self.config.watch_scope == "prefix"  # as agents before issue 11
+                ranges = None if every_commit else node_ranges(self.config.node, self.config.max_schema)
+                batches = self.store.follow_commits(
+                    self._revision, include=self.state.wants, foreign_batches=True, ranges=ranges)
+                # Commits that arrive while an apply runs are applied together, in order (agent/commits.py);
+                # commits that do not touch this node are neither applied nor reported (model/relevance.py).
                 async with contextlib.aclosing(coalesced(batches)) as groups:
                     async for group in groups:
                         self.health.etcd_connected = True
+                        outcome = absorb(self.state, group, self._revision, every_commit=every_commit)
                         for batch in group:
-                            self.state.mark_foreign(batch.foreign)  # never applied; reported (and maybe pinned)
                             if batch.is_commit:
-                                self.state.update(batch.changes)
-                                self._revision = batch.commit_revision
                                 self.metrics.committed(batch.commit_revision, batch.commit_time)
-                        await self.apply()
+                        self._revision = outcome.revision
+                        if outcome.action is Action.APPLY:
+                            await self.apply()
+                        else:
+                            await self._unchanged(report=outcome.action is Action.REPORT)
                 raise ConnectionError("watch ended")
             except asyncio.CancelledError:
                 raise
@@ -179,6 +195,7 @@ class Agent:
                 self._schedule_retry()
                 return False
             self.health.applied_revision = revision
+            self.health.synced_revision = revision
             self.health.last_error = None
             self.health.last_sync = datetime.now(UTC).isoformat(timespec="milliseconds")
             self.health.rules = result.rules
@@ -187,6 +204,19 @@ class Agent:
             self.metrics.applied(revision, result)
             self._report_wake.set()
             return True
+
+    async def _unchanged(self, report: bool) -> None:
+        """Commits up to ``self._revision`` left this node's rules as they are: the kernel already
+        enforces that state. ``report``: say so in the report (the controller wants every
+        commit reported); otherwise only health's ``syncedRevision`` moves."""
+        async with self._apply_lock:
+            if self.health.last_error is not None or self.health.applies == 0:
+                return  # not enforcing a known state: the retry's apply reports
+            self.health.target_revision = self._revision
+            self.health.synced_revision = self._revision
+            if report:
+                self.health.applied_revision = self._revision
+                self._report_wake.set()
 
     async def _pinned(self, unresolved: dict[str, PinKey]) -> Pinned:
         """The kernel's rules for keys without a good value, read (once) before our apply replaces them."""

@@ -123,6 +123,18 @@ def _ip_mask(family: Family) -> int:
     return 32 if family == "v4" else 128
 
 
+def endpoint_lines(ep_key: str, direction: Direction, jumps: Iterable[str], features: Features) -> tuple[str, ...]:
+    """The rules of an endpoint chain jumping to the (non-empty) policy chains ``jumps``, in order."""
+    what = f"netfence {direction} {'to' if direction == 'ingress' else 'from'} {ep_key}"
+    lines = [MARK_CLEAR]
+    if features.drop_invalid:
+        lines.append(f"-m conntrack --ctstate INVALID {_comment(what + ' invalid')} -j DROP")
+    for chain in jumps:
+        lines += [f"-j {chain}", RETURN_IF_ACCEPTED]
+    lines.append(f"{_comment(what + ' denied')} -j DROP")
+    return tuple(lines)
+
+
 @dataclass
 class _FamilyRenderer:
     model: NodeModel
@@ -259,14 +271,18 @@ class _FamilyRenderer:
                 lines.append(" ".join(p for p in (before, peer, after, MARK_ACCEPT) if p))
         return lines
 
+    def policy_lines(self, direction: Direction, rules: tuple[CompiledRule, ...]) -> tuple[str, ...]:
+        """The rules of a policy chain (empty: the policy can never match in ``direction``)."""
+        lines: dict[str, None] = {}
+        for rule in rules:
+            lines.update(dict.fromkeys(self._rule_lines(direction, rule)))
+        return tuple(lines)
+
     def policy_chain(self, direction: Direction, key: str, rules: tuple[CompiledRule, ...]) -> str | None:
         """Name of policy ``key``'s chain (rendered on first use); None if it would be empty."""
         name = policy_chain(direction, key)
         if name not in self.chains:
-            lines: dict[str, None] = {}
-            for rule in rules:
-                lines.update(dict.fromkeys(self._rule_lines(direction, rule)))
-            self.chains[name] = tuple(lines)
+            self.chains[name] = self.policy_lines(direction, rules)
         return name if self.chains[name] else None
 
     # ---- endpoints ----------------------------------------------------------
@@ -289,15 +305,8 @@ class _FamilyRenderer:
             chain = self.policy_chain(direction, key, rules or ())
             if chain is not None:
                 jumps[chain] = None
-        what = f"netfence {direction} {'to' if direction == 'ingress' else 'from'} {ep.key}"
-        lines = [MARK_CLEAR]
-        if self.features.drop_invalid:
-            lines.append(f"-m conntrack --ctstate INVALID {_comment(what + ' invalid')} -j DROP")
-        for chain in jumps:
-            lines += [f"-j {chain}", RETURN_IF_ACCEPTED]
-        lines.append(f"{_comment(what + ' denied')} -j DROP")
         name = endpoint_chain(direction, ep.key)
-        self.chains[name] = tuple(lines)
+        self.chains[name] = endpoint_lines(ep.key, direction, jumps, self.features)
         return name
 
     def endpoint_ips(self, ep: Endpoint) -> list[str]:

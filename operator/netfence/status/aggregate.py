@@ -2,8 +2,8 @@
 
 A node *must enforce* a policy when it hosts an endpoint the policy selects.
 It is *synced* when its applied revision is at least the revision of the
-policy's last relevant change (the policy itself, its peer sets, its
-endpoints). Phase:
+policy's last change relevant to that node (the policy itself, its peer sets,
+its endpoints on that node: ``PolicyFacts.needed``, ``model/relevance.py``). Phase:
 
 * ``Enforced``: every required node is synced (also when no node is required).
 * ``Degraded``: some required node has no live report (its lease expired: the
@@ -33,7 +33,7 @@ clamped to their format's range.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 MESSAGE_LIMIT = 512  # condition messages (the CRD allows 32768; kept short for kubectl)
@@ -159,6 +159,14 @@ class PolicyFacts:
     #: metadata.generation of the ClusterPolicyStatus object the status is written to
     #: (-> status.observedGeneration and the conditions' observedGeneration).
     object_generation: int = 0
+    #: Per required node, the revision of the policy's last change relevant to *that* node
+    #: (model/relevance.py: not other nodes' endpoints), <= ``revision``. A node absent here
+    #: needs ``revision``. Agents skip commits that do not touch their node (issue 11).
+    node_revisions: Mapping[str, int] = field(default_factory=dict)
+
+    def needed(self, node: str) -> int:
+        """The revision ``node`` must have applied to be synced for this policy."""
+        return self.node_revisions.get(node, self.revision)
 
 
 def _cap(text: str, limit: int = MESSAGE_LIMIT) -> str:
@@ -237,7 +245,7 @@ def compute_status(facts: PolicyFacts, reports: Mapping[str, NodeReport]) -> dic
             texts.append(_unlisted_bad_keys(report))
         if texts:
             bad[node] = texts
-        if report.applied_revision >= facts.revision:
+        if report.applied_revision >= facts.needed(node):
             synced.append(node)
         elif report.last_error:
             failing[node] = report.last_error
@@ -265,7 +273,7 @@ def compute_status(facts: PolicyFacts, reports: Mapping[str, NodeReport]) -> dic
         phase, reason, message = "Enforced", "AllNodesSynced", f"enforced on {required}/{required} nodes"
     else:
         phase, reason = "Pending", "WaitingForNodes"
-        message = f"waiting for {_names(lagging)} to apply revision {facts.revision}"
+        message = f"waiting for {_names(lagging)} to apply revision {max(facts.needed(n) for n in lagging)}"
 
     generation = _int(facts.object_generation, INT64_MAX)
     conditions = [

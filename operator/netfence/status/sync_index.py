@@ -16,7 +16,9 @@ proportion to the policies whose state on that node flips, not to all policies:
   enforce.
 * :class:`SyncIndex` keeps, per node, the policies it must enforce and, among
   them, those it has not synced yet, in a heap ordered by the revision each
-  needs. :meth:`SyncIndex.advance` pops the ones a new applied revision covers.
+  needs *on that node* (the policy's last change relevant to the node,
+  ``model/relevance.py``: a commit that touches only other nodes' endpoints
+  leaves this node synced without a report). :meth:`SyncIndex.advance` pops the ones a new applied revision covers.
   The index learns a policy's revision and nodes each time its status is
   computed (:meth:`SyncIndex.update`); a commit that changes them marks the
   policy for computation anyway, so the index is never behind for long, and a
@@ -29,6 +31,7 @@ Heap entries are removed lazily: an entry is live while it matches the node's
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping
 from enum import Enum
 
 from netfence.status.aggregate import NodeReport
@@ -91,8 +94,13 @@ class SyncIndex:
 
     # --- updates ---------------------------------------------------------------
 
-    def update(self, policy: PolicyKey, revision: int, nodes: frozenset[str]) -> None:
-        """The policy needs ``revision`` on ``nodes`` (its required nodes), as just computed."""
+    def update(
+        self, policy: PolicyKey, revision: int, nodes: frozenset[str], node_revisions: Mapping[str, int] | None = None
+    ) -> None:
+        """The policy needs ``revision`` on ``nodes`` (its required nodes), as just computed;
+        ``node_revisions``: per node, the revision of its last change relevant to that node
+        (``PolicyFacts.needed``; a node absent there needs ``revision``)."""
+        per_node = node_revisions or {}
         old = self._policies.get(policy)
         for node in (old[1] if old else frozenset()) - nodes:
             self._drop(node, policy)
@@ -101,16 +109,17 @@ class SyncIndex:
         else:
             self._policies.pop(policy, None)
         for node in nodes:
+            needed = per_node.get(node, revision)
             self._required.setdefault(node, set()).add(policy)
             applied = self._applied.get(node)
-            if applied is not None and applied >= revision:
+            if applied is not None and applied >= needed:
                 self._unpend(node, policy)
                 continue
             pending = self._pending.setdefault(node, {})
-            if pending.get(policy) != revision:
-                pending[policy] = revision
+            if pending.get(policy) != needed:
+                pending[policy] = needed
                 heap = self._heaps.setdefault(node, [])
-                heapq.heappush(heap, (revision, policy))
+                heapq.heappush(heap, (needed, policy))
                 if len(heap) > 2 * len(pending) + _COMPACT_SLACK:
                     self._heaps[node] = [(rev, key) for key, rev in pending.items()]
                     heapq.heapify(self._heaps[node])

@@ -31,9 +31,10 @@ from etcd3aio.lease import LeaseService
 from netfence.store import layout as L
 from netfence.store.connection import Connection
 from netfence.store.errors import CompactedError, EtcdUnavailable, StoreError
+from netfence.store.ranges import KeyRange
 from netfence.store.settings import EtcdSettings
 from netfence.store.types import KeyVersion, Snapshot
-from netfence.store.watch import WatchSettings, watch_revisions
+from netfence.store.watch import RangeWatch, WatchSettings, watch_revisions
 
 T = TypeVar("T")
 
@@ -158,6 +159,15 @@ class EtcdAccess:
         async with contextlib.aclosing(stream):
             async for revision, events in stream:
                 yield revision, {self.layout.relative(ev.key): ev.value for ev in events}
+
+    def watch_ranges(self, ranges: list[KeyRange], after_revision: int) -> RangeWatch:
+        """Several relative keys / prefixes on one Watch stream, after ``after_revision``
+        (``store/watch.py`` ``RangeWatch``; merged by ``store/ranges.py``)."""
+        bounds = []
+        for r in ranges:
+            key = self.layout.key(r.rel)
+            bounds.append((key, prefix_range_end(key) if r.prefix else b""))
+        return RangeWatch(self.connection, bounds, after_revision + 1, self._watch_settings, self.probe)
 
 
 def key_version(kv: Any, revision: int) -> KeyVersion:

@@ -67,6 +67,7 @@ class CommitWindow:
             revision,
             foreign={k: r for k, r in self.foreign.items() if k not in self.buffer},
             commit_time=commit_time(changes.get(L.COMMIT)),
+            reports_relevant=reports_relevant(changes.get(L.COMMIT)),
         )
         self.position = revision
         self.window_start = None
@@ -89,6 +90,16 @@ def commit_time(raw: bytes | None) -> float | None:
         return datetime.fromisoformat(text).timestamp() if isinstance(text, str) else None
     except (L.CorruptValueError, ValueError):
         return None
+
+
+def reports_relevant(raw: bytes | None) -> bool:
+    """Whether a commit marker value says agents may skip reporting commits not relevant to them."""
+    if raw is None:
+        return False
+    try:
+        return L.decode(raw, L.COMMIT).get(L.COMMIT_REPORTS) == L.REPORTS_RELEVANT
+    except L.CorruptValueError:
+        return False
 
 
 def foreign_in_snapshot(mod_revisions: Mapping[str, int], commit_revision: int) -> dict[str, int]:

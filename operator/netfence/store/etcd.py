@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc.aio
@@ -39,6 +39,7 @@ from netfence.store.access import EtcdAccess
 from netfence.store.connection import resolve_endpoints
 from netfence.store.lease import LeaseKeeper
 from netfence.store.leases import EtcdLeases
+from netfence.store.ranges import KeyRange
 from netfence.store.reader import EtcdCommittedReader
 from netfence.store.reports import EtcdReportStore
 from netfence.store.settings import MAX_OPS_PER_TXN, EtcdSettings
@@ -149,10 +150,15 @@ class EtcdStore:
         return await self.reader.committed_snapshot(include, max_wait=max_wait)
 
     def follow_commits(
-        self, after_revision: int, include: Include | None = None, *, foreign_batches: bool = False
+        self,
+        after_revision: int,
+        include: Include | None = None,
+        *,
+        foreign_batches: bool = False,
+        ranges: Sequence[KeyRange] | None = None,
     ) -> AsyncGenerator[CommitBatch, None]:
         """Committed changes after ``after_revision``, one batch per commit marker (store/reader.py)."""
-        return self.reader.follow_commits(after_revision, include, foreign_batches=foreign_batches)
+        return self.reader.follow_commits(after_revision, include, foreign_batches=foreign_batches, ranges=ranges)
 
     # -- the fenced writer (writer.py) ------------------------------------------
 

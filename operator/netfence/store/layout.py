@@ -51,8 +51,18 @@ COMMIT = "commit"
 PENDING = "pending"
 LEADER = "leader"
 META_SCHEMA = "meta/schema"
+#: Commit marker field: ``"relevant"`` says the controller that wrote the commit counts a node
+#: synced at the last commit relevant to it (model/relevance.py), so agents whose node the
+#: commit does not touch need not report it. Absent (an older controller): report every commit.
+COMMIT_REPORTS = "reports"
+REPORTS_RELEVANT = "relevant"
 
 COMMITTED_PREFIXES: tuple[str, ...] = (POLICIES, SETS, SETS_V2, ENDPOINTS, META)
+
+
+def commit_marker(seq: int, time: str, controller: str) -> dict[str, Any]:
+    """The commit marker's value (``commit``)."""
+    return {"seq": seq, "time": time, "controller": controller, COMMIT_REPORTS: REPORTS_RELEVANT}
 
 
 def _check_part(what: str, value: str) -> str:

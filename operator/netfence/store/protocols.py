@@ -23,11 +23,12 @@ Errors are the store's (``store/errors.py``): :class:`~netfence.store.errors.Etc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
 from netfence.store.layout import Layout
+from netfence.store.ranges import KeyRange
 from netfence.store.types import (
     Acquired,
     CommitBatch,
@@ -58,10 +59,17 @@ class CommittedReader(Pausing, Protocol):
         ...
 
     def follow_commits(
-        self, after_revision: int, include: Include | None = None, *, foreign_batches: bool = False
+        self,
+        after_revision: int,
+        include: Include | None = None,
+        *,
+        foreign_batches: bool = False,
+        ranges: Sequence[KeyRange] | None = None,
     ) -> AsyncGenerator[CommitBatch, None]:
         """One batch per commit after ``after_revision``, in commit order; foreign writes
         never in ``changes`` (at once in an ``is_commit=False`` batch with ``foreign_batches``).
+        ``ranges``: watch only these keys / prefixes (and the commit marker), never half a
+        commit across them (None: the whole prefix).
         Raises CompactedError when a commit was lost to compaction, EtcdUnavailable."""
         ...
 

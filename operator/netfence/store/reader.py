@@ -8,7 +8,12 @@
   snapshots working when the commit key's revision has been compacted away.
 * :meth:`EtcdCommittedReader.follow_commits` watches from the snapshot's
   revision, buffers events and yields them only when a ``commit`` put is seen
-  (``store/commit_window.py`` tells them from foreign writes).
+  (``store/commit_window.py`` tells them from foreign writes). By default it
+  watches the whole prefix; with ``ranges`` it watches only those key ranges
+  plus ``commit`` and ``pending``, on one Watch stream, and acts on a revision
+  only once every range is known complete up to it (``store/ranges.py``; a
+  ``WatchProgressRequest`` proves it when the ranges themselves do not), so a
+  commit is never delivered before all of its keys on every range.
 
 Only *committed* keys (``policies/``, ``sets/``, ``sets2/``, ``endpoints/``,
 ``meta/``) appear in committed states and batches.
@@ -20,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from etcd3aio.kv import KVService
@@ -29,7 +34,9 @@ from netfence.store import layout as L
 from netfence.store.access import EtcdAccess
 from netfence.store.commit_window import CommitWindow, foreign_in_snapshot
 from netfence.store.errors import CompactedError, EtcdUnavailable
+from netfence.store.ranges import KeyRange, RangeMerger
 from netfence.store.types import CommitBatch, CommittedState, Include
+from netfence.store.watch import RangeEvents
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +102,12 @@ class EtcdCommittedReader:
                 delay = min(delay * 2, 1.0)
 
     async def follow_commits(
-        self, after_revision: int, include: Include | None = None, *, foreign_batches: bool = False
+        self,
+        after_revision: int,
+        include: Include | None = None,
+        *,
+        foreign_batches: bool = False,
+        ranges: Sequence[KeyRange] | None = None,
     ) -> AsyncGenerator[CommitBatch, None]:
         """Committed changes after ``after_revision``, one batch per commit marker.
 
@@ -110,12 +122,18 @@ class EtcdCommittedReader:
         store/commit_window.py) is *foreign*: it is never in ``changes``; it is
         listed in the next batch's ``foreign``, or at once in a batch with
         ``is_commit`` False when ``foreign_batches`` is set.
+
+        ``ranges``: watch only these relative keys / prefixes (plus ``commit`` and
+        ``pending``) instead of the whole prefix; several watches on one stream, merged
+        so that no commit is delivered before every range has delivered everything up
+        to it.
         """
         window = CommitWindow(after_revision, include)
         start = after_revision
         while True:
             try:
-                stream = self.access.watch_changes("", start)
+                stream = (self.access.watch_changes("", start) if ranges is None
+                          else self._merged(list(ranges), start))
                 async with contextlib.aclosing(stream):
                     async for revision, changes in stream:
                         batch, foreign = window.feed(revision, changes)
@@ -131,6 +149,29 @@ class EtcdCommittedReader:
             except CompactedError as exc:
                 start = await self._resume_after(window.position, exc)
                 window.restart()
+
+    async def _merged(
+        self, ranges: list[KeyRange], after: int
+    ) -> AsyncGenerator[tuple[int, dict[str, bytes | None]], None]:
+        """Changes per revision over ``ranges`` + ``commit`` + ``pending``, in revision order, each
+        revision released only once every range is complete up to it (``store/ranges.py``)."""
+        wanted = [KeyRange(L.COMMIT, prefix=False), KeyRange(L.PENDING, prefix=False), *ranges]
+        watch = self.access.watch_ranges(wanted, after)
+        merger = RangeMerger(len(wanted), after)
+        relative = self.layout.relative
+        items = watch.items()
+        async with contextlib.aclosing(items):
+            async for item in items:
+                if isinstance(item, RangeEvents):
+                    merger.events(item.index, item.revision, {relative(ev.key): ev.value for ev in item.events})
+                elif item.index is None:
+                    merger.progress(item.revision)
+                else:
+                    merger.range_progress(item.index, item.revision)
+                for revision, changes in merger.ready():
+                    yield revision, changes
+                if merger.waiting():
+                    watch.request_progress()  # etcd answers once every range has caught up
 
     async def _resume_after(self, position: int, exc: CompactedError) -> int:
         """Where to resume a commit watch positioned at ``position`` after a compaction.

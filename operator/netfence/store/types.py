@@ -68,6 +68,9 @@ class CommitBatch:
     #: The commit marker's ``time`` (Unix seconds, the controller's clock); None when absent
     #: or unreadable, and in batches that are not commits (agent metrics: commit -> kernel).
     commit_time: float | None = None
+    #: The commit marker says its controller counts nodes synced at the last commit relevant to
+    #: them (``"reports": "relevant"``): agents the commit does not touch need not report it.
+    reports_relevant: bool = False
 
 
 @dataclass(frozen=True, slots=True)

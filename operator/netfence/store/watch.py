@@ -300,8 +300,8 @@ class RangeWatch:
                         continue
                     revision = int(response.header.revision)
                     if watch_id == _PROGRESS_WATCH_ID and not response.events:
-                        if len(ids) < len(self.ranges):
-                            continue  # not every range is on the stream yet: no proof for them
+                        # etcd handled our create requests before the progress request: the
+                        # answer covers every range, even if a created response is still due.
                         self._progress_wanted = False
                         self.next = [max(n, revision + 1) for n in self.next]
                         yield RangeProgress(None, revision)

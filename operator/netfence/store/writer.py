@@ -6,7 +6,7 @@ Write protocol (one *change* = one call of :meth:`EtcdFencedWriter.write`):
   data operations each (etcd allows 128 per transaction by default);
 * if the change needs more than one transaction, the first one also puts the
   ``pending`` marker; the last one always deletes ``pending`` and puts
-  ``commit`` (``{"schema", "seq", "time", "controller"}``);
+  ``commit`` (``{"schema", "seq", "time", "controller", "reports"}``, ``L.commit_marker``);
 * every transaction is conditioned on the fence (the ``leader`` key still has
   the create revision the writer was elected with); a failed condition raises
   :class:`NotLeaderError` and nothing further is written (the transactions
@@ -113,10 +113,10 @@ class EtcdFencedWriter:
     async def _write_ops_locked(self, ops: list[Any], fence: Fence | None) -> int:
         chunks = split_ops(ops, self.access.config.max_ops_per_txn)
         seq = await self._next_seq()
-        commit = L.encode({"seq": seq, "time": now_iso(), "controller": self.identity})
+        commit = L.encode(L.commit_marker(seq, now_iso(), self.identity))
         pending_key = self.layout.key(L.PENDING)
         if len(chunks) > 1:
-            marker = L.encode({"seq": seq, "time": now_iso(), "controller": self.identity})
+            marker = L.encode(L.commit_marker(seq, now_iso(), self.identity))
             chunks[0] = [KVService.txn_op_put(pending_key, marker), *chunks[0]]
         chunks[-1] = [
             *chunks[-1],
