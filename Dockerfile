@@ -7,7 +7,7 @@
 # and ipset. Entry points are the package's console scripts.
 # tests/unit/test_dockerfile.py lints this file (hadolint) and checks its
 # stages; tests/integration/test_image.py builds the wheel and installs it with
-# image/install-wheel.sh exactly as the runtime stage does.
+# image/install-wheel.sh exactly as the base stage and the targets do.
 #
 # Reproducible: the runtime dependencies are image/requirements.lock (every
 # version pinned, every file's sha256; `pip install --require-hashes`,
@@ -34,36 +34,26 @@ COPY operator ./operator
 # The version the wheel carries and netfence.__version__ (the agent reports it on
 # its health endpoint and in its node report): the source's unless given, e.g.
 # --build-arg VERSION=0.1.0+c for an image of modified code. Keep the default
-# equal to pyproject.toml's version (as in the base stage below).
+# equal to pyproject.toml's version (as in the agent and controller stages).
 ARG VERSION=0.1.0
 RUN sed -i "s/^__version__ = .*/__version__ = \"${VERSION}\"/" operator/netfence/__init__.py \
  && sed -i "s/^version = .*/version = \"${VERSION}\"/" pyproject.toml
 RUN python -m build --wheel --no-isolation --outdir /dist
 
-# --- runtime base: the wheel and its dependencies in a virtualenv -------------
+# --- runtime base: the locked dependencies in a virtualenv, no Netfence code --
+# Layer order is for the build cache: the slow layers (the dependencies from
+# PyPI here, Debian's iptables in the agent) depend only on their locks and
+# pins; the wheel and the labels (which change with every commit) come last.
+# A change of Netfence's code rebuilds the wheel and one small layer per target.
 FROM ${PYTHON_IMAGE} AS base
-# Keep equal to pyproject.toml's version (tests/unit/test_dockerfile.py checks it).
-ARG VERSION=0.1.0
-# The commit (git rev-parse HEAD) and its time (RFC 3339); see the top.
-ARG REVISION=""
-ARG CREATED=""
-LABEL org.opencontainers.image.title="netfence" \
-      org.opencontainers.image.description="Kubernetes NetworkPolicy enforcement with ipset + iptables and per-policy status" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.source="https://github.com/netfence/netfence" \
-      org.opencontainers.image.url="https://github.com/netfence/netfence" \
-      org.opencontainers.image.licenses="Apache-2.0"
 ENV VIRTUAL_ENV=/opt/netfence \
     PATH=/opt/netfence/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 COPY image/install-wheel.sh /usr/local/lib/netfence/install-wheel.sh
 COPY image/requirements.lock /tmp/requirements.lock
-COPY --from=build /dist/ /tmp/dist/
-RUN sh /usr/local/lib/netfence/install-wheel.sh /opt/netfence /tmp/dist /tmp/requirements.lock \
- && rm -rf /tmp/dist /tmp/requirements.lock
+RUN sh /usr/local/lib/netfence/install-wheel.sh /opt/netfence - /tmp/requirements.lock \
+ && rm -f /tmp/requirements.lock
 
 # --- agent: netfilter tools; runs as root with NET_ADMIN/NET_RAW --------------
 FROM base AS agent
@@ -80,12 +70,45 @@ COPY image/install-iptables-backends.sh /usr/local/lib/netfence/install-iptables
 COPY image/agent-entrypoint.sh /usr/local/bin/netfence-agent-entrypoint
 RUN sh /usr/local/lib/netfence/install-iptables-backends.sh /usr/local/lib/netfence /usr/sbin \
  && chmod 0755 /usr/local/bin/netfence-agent-entrypoint
+# The code layer: the wheel (its dependencies are all in the base's virtualenv).
+COPY --from=build /dist/ /tmp/dist/
+RUN sh /usr/local/lib/netfence/install-wheel.sh /opt/netfence /tmp/dist - \
+ && rm -rf /tmp/dist
+# Keep equal to pyproject.toml's version (tests/unit/test_dockerfile.py checks it).
+ARG VERSION=0.1.0
+# The commit (git rev-parse HEAD) and its time (RFC 3339); see the top.
+ARG REVISION=""
+ARG CREATED=""
+LABEL org.opencontainers.image.title="netfence" \
+      org.opencontainers.image.description="Kubernetes NetworkPolicy enforcement with ipset + iptables and per-policy status" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.source="https://github.com/netfence/netfence" \
+      org.opencontainers.image.url="https://github.com/netfence/netfence" \
+      org.opencontainers.image.licenses="Apache-2.0"
 # Picks the iptables backend, then execs the netfence-agent console script.
 ENTRYPOINT ["/usr/local/bin/netfence-agent-entrypoint"]
 
 # --- controller (default target): non-root ------------------------------------
 FROM base AS controller
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin netfence
+# The code layer, as in the agent.
+COPY --from=build /dist/ /tmp/dist/
+RUN sh /usr/local/lib/netfence/install-wheel.sh /opt/netfence /tmp/dist - \
+ && rm -rf /tmp/dist
+# The same labels as the agent's.
+ARG VERSION=0.1.0
+ARG REVISION=""
+ARG CREATED=""
+LABEL org.opencontainers.image.title="netfence" \
+      org.opencontainers.image.description="Kubernetes NetworkPolicy enforcement with ipset + iptables and per-policy status" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.source="https://github.com/netfence/netfence" \
+      org.opencontainers.image.url="https://github.com/netfence/netfence" \
+      org.opencontainers.image.licenses="Apache-2.0"
 USER 10001:10001
 # Kopf health endpoint (/healthz)
 EXPOSE 8080

@@ -36,12 +36,14 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -62,8 +64,8 @@ from netfence_lab.process import ManagedProcess, free_port
 from netfence_lab.tools import ensure_tools
 
 NODE = "bench"
-GOAL_MEMBERSHIP_P99 = 0.050
-GOAL_POLICY_P99 = 0.100
+GOAL_MEMBERSHIP_P99 = 0.020
+GOAL_POLICY_P99 = 0.050
 GOAL_RESYNC = 2.0
 REMOTE_NODES = 9
 REMOTE_PER_NODE = 100
@@ -85,17 +87,32 @@ def remote_endpoints(model: NodeModel) -> dict[str, Endpoint]:
     return out
 
 
+_ENCODED: dict[int, tuple[object, bytes]] = {}  # id(value) -> (value, its encoding): the bench's own CPU
+_REMOTE: dict[tuple[str, ...], dict[str, bytes]] = {}  # stays low while it measures the agent
+
+
+def _encoded(value: Any, encoder: Callable[[], dict[str, Any]]) -> bytes:
+    hit = _ENCODED.get(id(value))
+    if hit is not None and hit[0] is value:
+        return hit[1]
+    data = encode(encoder())
+    _ENCODED[id(value)] = (value, data)
+    return data
+
+
 def etcd_values(model: NodeModel, remote: bool = True) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for p in model.policies.values():
-        out[f"policies/{p.namespace}/{p.name}"] = encode(p.to_json())
+        out[f"policies/{p.namespace}/{p.name}"] = _encoded(p, p.to_json)
     for s in model.sets.values():
-        out[f"sets/{s.id}"] = encode(s.to_json())
+        out[f"sets/{s.id}"] = _encoded(s, s.to_json)
     for e in model.endpoints.values():
-        out[f"endpoints/{NODE}/{e.namespace}/{e.name}"] = encode(replace(e, node=NODE).to_json())
+        out[f"endpoints/{NODE}/{e.namespace}/{e.name}"] = _encoded(e, replace(e, node=NODE).to_json)
     if remote:
-        for key, ep in remote_endpoints(model).items():
-            out[key] = encode(ep.to_json())
+        keys = tuple(sorted(model.policies))
+        if keys not in _REMOTE:
+            _REMOTE[keys] = {key: encode(ep.to_json()) for key, ep in remote_endpoints(model).items()}
+        out.update(_REMOTE[keys])
     return out
 
 
@@ -201,17 +218,22 @@ class Bench:
     store: EtcdStore
     watch: ReportWatch
     agent: ManagedProcess | None = None
+    mode: str = "incremental"
     agents_started: int = 0
     state: dict[str, bytes] = field(default_factory=dict)
+    revision: int = 0  # of the last commit written
 
-    def start_agent(self) -> tuple[ManagedProcess, float, float]:
-        """Spawn an agent; returns (process, monotonic and wall time of the spawn)."""
+    def start_agent(self, full: bool = False) -> tuple[ManagedProcess, float, float]:
+        """Spawn an agent (``full``: the path before incremental rendering); (process, monotonic and
+        wall time of the spawn)."""
         self.agents_started += 1
+        self.mode = "full" if full else "incremental"
         argv = [
             sys.executable, "-m", "netfence.agent.main",
             f"--node={NODE}", f"--netns={self.netns}", "--no-ipv6",
             f"--etcd-endpoints={self.etcd.endpoint}", f"--etcd-prefix={self.prefix}",
             f"--health-port={free_port()}", "--report-ttl=10", "--resync-seconds=300",
+            *(["--bench-full-render"] if full else []),
         ]
         proc = ManagedProcess(f"agent-{self.agents_started}", argv,
                               self.workdir / f"agent-{self.agents_started}.log")
@@ -224,8 +246,11 @@ class Bench:
         """Write the difference to ``values`` as one change; (commit revision, t0, keys written)."""
         changes = delta(self.state, values)
         t0 = time.monotonic()
+        if not changes:
+            return self.revision, t0, 0
         revision = await self.store.write(changes, None)
         self.state = values
+        self.revision = revision
         return revision, t0, len(changes)
 
     def kernel(self, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -263,40 +288,116 @@ async def growth(bench: Bench) -> list[str]:
     return lines
 
 
-async def latencies(bench: Bench, n_changes: int, gap: float) -> dict[str, Any]:
+MODES = ("incremental", "full")  # the agent as it is / with --bench-full-render (the path before)
+
+
+def cpu_seconds(pid: int | None) -> tuple[float, float]:
+    """(the process's own CPU seconds, CPU seconds of its reaped children: the kernel tools)."""
+    if pid is None:
+        return 0.0, 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
+@dataclass
+class Series:
+    """One series of changes measured against one agent."""
+
+    samples: list[float] = field(default_factory=list)
+    writes: list[float] = field(default_factory=list)
+    verified: int = 0
+    agent_cpu: float = 0.0  # seconds, over the series
+    tools_cpu: float = 0.0
+
+    def extend(self, other: Series) -> None:
+        self.samples += other.samples
+        self.writes += other.writes
+        self.verified += other.verified
+        self.agent_cpu += other.agent_cpu
+        self.tools_cpu += other.tools_cpu
+
+    def figures(self) -> dict[str, Any]:
+        n = max(1, len(self.samples))
+        return {"p50_ms": pct(self.samples, 0.5) * 1e3, "p99_ms": pct(self.samples, 0.99) * 1e3,
+                "max_ms": max(self.samples, default=0.0) * 1e3, "n": len(self.samples),
+                "verified": self.verified, "etcd_write_p50_ms": pct(self.writes, 0.5) * 1e3,
+                "agent_cpu_ms_per_commit": self.agent_cpu / n * 1e3,
+                "tools_cpu_ms_per_commit": self.tools_cpu / n * 1e3}
+
+
+async def latency_base(bench: Bench) -> tuple[NodeModel, str, str]:
+    """Commit the 1,000-policy model (if not yet there); (model, local policy key, local set id)."""
     model = model_of(1000)
-    revision, _, _ = await bench.commit(etcd_values(model))
-    await bench.watch.wait(revision)
+    revision, _, keys = await bench.commit(etcd_values(model))
+    if keys:
+        await bench.watch.wait(revision)
     key, sid = local_policy_and_set(model)
-    out: dict[str, Any] = {"policy": key, "set": sid}
-    # set-membership change
-    samples, writes, verified = [], [], 0
-    current = model
-    for it in range(n_changes):
+    return model, key, sid
+
+
+async def membership_series(bench: Bench, n_changes: int, gap: float, offset: int) -> Series:
+    """``n_changes`` set-membership changes (add, remove, ...) of one set a local policy uses."""
+    model, _, sid = await latency_base(bench)
+    out = Series()
+    cpu0 = cpu_seconds(bench.agent.pid if bench.agent else None)
+    for it in range(offset, offset + n_changes):
         current, ip, present = membership_change(model, sid, it)
         revision, t0, _ = await bench.commit(etcd_values(current))
-        writes.append(time.monotonic() - t0)
+        out.writes.append(time.monotonic() - t0)
         report = await bench.watch.wait(revision)
-        samples.append(report.seen - t0)
+        out.samples.append(report.seen - t0)
         test = bench.kernel("ipset", "test", set_name("v4", sid), ip)
-        verified += (test.returncode == 0) == present
+        out.verified += (test.returncode == 0) == present
         await asyncio.sleep(gap)
-    out["membership"] = (samples, writes, verified)
-    # one-policy change
-    samples, writes, verified = [], [], 0
-    base = current
-    for it in range(n_changes):
-        current, port = policy_change(base, key, it)
-        revision, t0, _ = await bench.commit(etcd_values(current))
-        writes.append(time.monotonic() - t0)
-        report = await bench.watch.wait(revision)
-        samples.append(report.seen - t0)
-        verified += policy_chain_has_port(bench, current, key, port)
-        await asyncio.sleep(gap)
-    out["policy_change"] = (samples, writes, verified)
-    out["rules"] = report.data["rules"]
-    out["sets"] = report.data["sets"]
+    cpu1 = cpu_seconds(bench.agent.pid if bench.agent else None)
+    out.agent_cpu, out.tools_cpu = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     return out
+
+
+async def policy_series(bench: Bench, n_changes: int, gap: float, offset: int) -> Series:
+    """``n_changes`` changes of one local policy (its first port), then back to the base model."""
+    model, key, _ = await latency_base(bench)
+    out = Series()
+    cpu0 = cpu_seconds(bench.agent.pid if bench.agent else None)
+    for it in range(offset, offset + n_changes):
+        current, port = policy_change(model, key, it)
+        revision, t0, _ = await bench.commit(etcd_values(current))
+        out.writes.append(time.monotonic() - t0)
+        report = await bench.watch.wait(revision)
+        out.samples.append(report.seen - t0)
+        out.verified += policy_chain_has_port(bench, current, key, port)
+        await asyncio.sleep(gap)
+    cpu1 = cpu_seconds(bench.agent.pid if bench.agent else None)
+    out.agent_cpu, out.tools_cpu = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    revision, _, _ = await bench.commit(etcd_values(model))
+    await bench.watch.wait(revision)
+    return out
+
+
+SERIES: dict[str, tuple[str, float]] = {
+    "membership": ("set-membership change", GOAL_MEMBERSHIP_P99),
+    "policy": ("one-policy change", GOAL_POLICY_P99),
+}
+
+
+def _ratio(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1f}x"
+
+
+async def switch_agent(bench: Bench, mode: str) -> float:
+    """Run the agent in ``mode`` (restarting it if needed); spawn -> report of the current state, seconds."""
+    if bench.agent is not None and bench.mode == mode:
+        return 0.0
+    if bench.agent is not None:
+        bench.agent.stop(grace=10.0)  # fail-static: the rules stay in the kernel
+    after = bench.watch.reports[-1].revision if bench.watch.reports else 0
+    _, t_mono, _ = bench.start_agent(full=mode == "full")
+    report = await bench.watch.wait(bench.revision, after_revision=after)
+    return report.seen - t_mono
 
 
 async def kernel_polled(bench: Bench, n: int) -> tuple[list[float], list[float]]:
@@ -339,7 +440,7 @@ def log_time(path: Path, needle: str) -> float | None:
     return None
 
 
-async def resyncs(bench: Bench, restarts: int) -> dict[str, Any]:
+async def resyncs(bench: Bench, restarts: int, modes: tuple[str, ...]) -> dict[str, Any]:
     n = 1000
     while render(model_of(n), features=FEATURES).rule_count < 20000:
         n += 250
@@ -347,22 +448,24 @@ async def resyncs(bench: Bench, restarts: int) -> dict[str, Any]:
     revision, t0, _ = await bench.commit(etcd_values(model))
     report = await bench.watch.wait(revision)
     out: dict[str, Any] = {"policies": n, "rules": report.data["rules"], "sets": report.data["sets"],
-                           "first_apply": report.seen - t0, "restarts": []}
+                           "first_apply": report.seen - t0, "restarts": {m: [] for m in modes}}
     for _ in range(restarts):
-        assert bench.agent is not None
-        bench.agent.stop(grace=10.0)  # fail-static: the rules stay in the kernel
-        rules_left, sets_left = bench.kernel_counts()
-        after = bench.watch.reports[-1].revision if bench.watch.reports else 0
-        proc, t_mono, t_wall = bench.start_agent()
-        report = await bench.watch.wait(revision, after_revision=after)
-        started = log_time(proc.log_path, "agent for node")
-        synced = log_time(proc.log_path, "full sync:")
-        out["restarts"].append({
-            "total": report.seen - t_mono,
-            "startup": None if started is None else started - t_wall,
-            "started_to_sync_log": None if started is None or synced is None else synced - started,
-            "kernel_before": (rules_left, sets_left),
-        })
+        for mode in modes:  # interleaved, so both see the same load
+            assert bench.agent is not None
+            bench.agent.stop(grace=10.0)  # fail-static: the rules stay in the kernel
+            rules_left, sets_left = bench.kernel_counts()
+            after = bench.watch.reports[-1].revision if bench.watch.reports else 0
+            proc, t_mono, t_wall = bench.start_agent(full=mode == "full")
+            report = await bench.watch.wait(revision, after_revision=after)
+            started = log_time(proc.log_path, "agent for node")
+            synced = log_time(proc.log_path, "full sync:")
+            out["restarts"][mode].append({
+                "total": report.seen - t_mono,
+                "startup": None if started is None else started - t_wall,
+                "started_to_sync_log": None if started is None or synced is None else synced - started,
+                "kernel_before": (rules_left, sets_left),
+                "load1": os.getloadavg()[0],
+            })
     return out
 
 
@@ -391,39 +494,83 @@ async def main_async(args: argparse.Namespace) -> None:
         bench = Bench(etcd, node.netns, workdir, prefix, store, watch)
         bench.start_agent()
 
-        print("\nRules and sets on the node as policies grow (report / kernel; 'apply' = commit -> report):")
-        for line in await growth(bench):
-            print(line)
-        print("  (pod sets hold 30 members each; endpoints of other nodes and policies not applied here add"
-              " nothing)")
+        if args.growth:
+            print("\nRules and sets on the node as policies grow (report / kernel; 'apply' = commit -> report):")
+            for line in await growth(bench):
+                print(line)
+            print("  (pod sets hold 30 members each; endpoints of other nodes and policies not applied here add"
+                  " nothing)")
 
-        lat = await latencies(bench, args.changes, args.gap)
-        print(f"\nCommit -> rules in the kernel, 1,000 policies in etcd ({lat['rules']} rules, {lat['sets']} sets on"
-              f" the node), x{args.changes} each, gap {args.gap * 1000:.0f} ms:")
-        for label, name, goal in (("set-membership change", "membership", GOAL_MEMBERSHIP_P99),
-                                  ("one-policy change", "policy_change", GOAL_POLICY_P99)):
-            samples, writes, verified = lat[name]
-            print(f"  {label:<22} {ms_summary(samples)}   [goal p99 < {goal * 1000:.0f} ms: "
-                  f"{verdict(pct(samples, 0.99) < goal)}]")
-            print(f"  {'':<22} (of which the etcd write: {ms_summary(writes)}; kernel verified after the report "
-                  f"{verified}/{len(samples)})")
+        modes = MODES if args.compare else MODES[:1]
+        results: dict[str, Any] = {"load_start": os.getloadavg(), "modes": list(modes), "changes": args.changes,
+                                   "rounds": args.rounds, "gap_s": args.gap}
+        series: dict[str, dict[str, Series]] = {kind: {m: Series() for m in modes} for kind in SERIES}
+        per_round = max(2, args.changes // args.rounds // 2 * 2)  # even: membership adds and removes
+        for rnd in range(args.rounds):
+            for mode in (modes if rnd % 2 == 0 else modes[::-1]):  # interleaved, alternating order
+                await switch_agent(bench, mode)
+                await latency_base(bench)
+                series["membership"][mode].extend(await membership_series(bench, per_round, args.gap,
+                                                                          2 * rnd * per_round))
+                series["policy"][mode].extend(await policy_series(bench, per_round, args.gap, rnd * per_round))
+        last = bench.watch.reports[-1].data
+        print(f"\nCommit -> rules in the kernel, 1,000 policies in etcd ({last['rules']} rules, {last['sets']} sets"
+              f" on the node); {per_round * args.rounds} changes of each kind per mode in {args.rounds} interleaved"
+              f" rounds, gap {args.gap * 1000:.0f} ms; 'full' = the agent with --bench-full-render (whole model"
+              f" re-rendered and diffed per commit, as before):")
+        results["latency"] = {}
+        for kind, (label, goal) in SERIES.items():
+            print(f"  {label}:")
+            results["latency"][kind] = {}
+            for mode in modes:
+                ser = series[kind][mode]
+                fig = ser.figures()
+                results["latency"][kind][mode] = fig
+                mark = f"   [goal p99 < {goal * 1000:.0f} ms: {verdict(pct(ser.samples, 0.99) < goal)}]" \
+                    if mode == "incremental" else ""
+                print(f"    {mode:<12} {ms_summary(ser.samples)}{mark}")
+                print(f"    {'':<12} agent CPU {fig['agent_cpu_ms_per_commit']:.1f} ms/commit, kernel tools CPU "
+                      f"{fig['tools_cpu_ms_per_commit']:.1f} ms/commit; etcd write p50 "
+                      f"{fig['etcd_write_p50_ms']:.1f} ms; kernel verified {ser.verified}/{len(ser.samples)}")
+            if len(modes) == 2:
+                new, old = results["latency"][kind]["incremental"], results["latency"][kind]["full"]
+                ratio = {k: old[k] / new[k] if new[k] else None
+                         for k in ("p50_ms", "p99_ms", "agent_cpu_ms_per_commit")}
+                results["latency"][kind]["ratio_full_over_incremental"] = ratio
+                print(f"    ratio full/incremental: p50 {_ratio(ratio['p50_ms'])}, p99 {_ratio(ratio['p99_ms'])},"
+                      f" agent CPU per commit {_ratio(ratio['agent_cpu_ms_per_commit'])}")
+        await switch_agent(bench, modes[0])
         if args.poll:
             member, policy = await kernel_polled(bench, args.poll)
-            print("  cross-check by polling the kernel only (ipset test / iptables -S, ~5-10 ms per poll):")
+            print("  cross-check by polling the kernel only (incremental agent; ipset test / iptables -S, ~5-10 ms"
+                  " per poll):")
             print(f"  {'set-membership change':<22} {ms_summary(member)}")
             print(f"  {'one-policy change':<22} {ms_summary(policy)}")
 
-        rs = await resyncs(bench, args.restarts)
+        rs = await resyncs(bench, args.restarts, modes)
+        results["resync"] = rs
         print(f"\nFull resync: {rs['policies']} policies -> {rs['rules']} rules, {rs['sets']} sets on the node "
-              f"(first apply by the running agent: {rs['first_apply']:.2f} s)")
-        for i, r in enumerate(rs["restarts"], 1):
-            startup = "?" if r["startup"] is None else f"{r['startup']:.2f} s"
-            sync = "?" if r["started_to_sync_log"] is None else f"{r['started_to_sync_log']:.2f} s"
-            print(f"  restart {i}: agent spawn -> first report {r['total']:.2f} s   [goal < {GOAL_RESYNC:.0f} s: "
-                  f"{verdict(r['total'] < GOAL_RESYNC)}]  (process start-up until 'agent started' {startup}, "
-                  f"then -> 'full sync' logged {sync}; kernel held {r['kernel_before'][0]} rules /"
-                  f" {r['kernel_before'][1]} sets meanwhile)")
+              f"(first apply by the running agent: {rs['first_apply']:.2f} s); agent restarted against the kernel "
+              f"state it left ('full' rewrites every chain and set, 'incremental' only what differs):")
+        for mode in modes:
+            for i, r in enumerate(rs["restarts"][mode], 1):
+                startup = "?" if r["startup"] is None else f"{r['startup']:.2f} s"
+                sync = "?" if r["started_to_sync_log"] is None else f"{r['started_to_sync_log']:.2f} s"
+                mark = f"   [goal < {GOAL_RESYNC:.0f} s: {verdict(r['total'] < GOAL_RESYNC)}]" \
+                    if mode == "incremental" else ""
+                print(f"  {mode:<12} restart {i}: agent spawn -> first report {r['total']:.2f} s{mark}  (start-up"
+                      f" until 'agent started' {startup}, then -> 'full sync' logged {sync}; load {r['load1']:.2f})")
+        if len(modes) == 2:
+            new_t = [r["total"] for r in rs["restarts"]["incremental"]]
+            old_t = [r["total"] for r in rs["restarts"]["full"]]
+            if new_t and old_t:
+                rs["ratio_full_over_incremental"] = pct(old_t, 0.5) / pct(new_t, 0.5)
+                print(f"  ratio full/incremental (medians): {_ratio(rs['ratio_full_over_incremental'])}")
+        results["load_end"] = os.getloadavg()
         print(f"\nmachine at the end: {load_note()}")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+            print(f"figures written to {args.json}")
     finally:
         if bench is not None and bench.agent is not None:
             bench.agent.stop()
@@ -441,10 +588,15 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--changes", type=int, default=50, help="changes per latency series")
+    parser.add_argument("--changes", type=int, default=60, help="changes per kind and mode")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds the changes are split into")
     parser.add_argument("--gap", type=float, default=0.05, help="seconds between changes")
-    parser.add_argument("--restarts", type=int, default=2, help="agent restarts for the full-resync figure")
-    parser.add_argument("--poll", type=int, default=10, help="changes measured by kernel polling (0: skip)")
+    parser.add_argument("--restarts", type=int, default=3, help="agent restarts per mode for the resync figure")
+    parser.add_argument("--poll", type=int, default=0, help="changes measured by kernel polling (0: skip)")
+    parser.add_argument("--no-compare", dest="compare", action="store_false",
+                        help="measure only the agent as it is (not also with --bench-full-render)")
+    parser.add_argument("--no-growth", dest="growth", action="store_false", help="skip the growth table")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (agent logs)")
     asyncio.run(main_async(parser.parse_args()))
 

@@ -74,7 +74,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,10 +93,12 @@ from netfence.agent.node_state import NodeState
 from netfence.config import AgentConfig
 from netfence.controller.kube import CPS_GROUP, CPS_PLURAL, CPS_VERSION, KubeApi, cps_name
 from netfence.dataplane.render import Features
+from netfence.model.enforcement import CompiledPolicy, Endpoint
 from netfence.store.etcd import EtcdConfig, EtcdStore
 from netfence.store.migration import logical_key
 from netfence.store.reader import EtcdCommittedReader
-from netfence.store.types import CommitBatch, CommittedState, Include, Reports
+from netfence.store.types import CommitBatch, CommittedState, Include, KeyRange, Reports
+from netfence.store.watch import RangeEvents
 from netfence_lab.cluster import LocalCluster
 from netfence_lab.process import ManagedProcess, free_port
 from netfence_lab.tools import ensure_tools
@@ -208,6 +210,28 @@ class CountingAccess:
                 self._counters.events += len(changes)
                 yield revision, changes
 
+    def watch_ranges(self, ranges: list[KeyRange], after_revision: int) -> CountingRangeWatch:
+        return CountingRangeWatch(self._access.watch_ranges(ranges, after_revision), self._counters)
+
+
+class CountingRangeWatch:
+    """A ``RangeWatch`` (store/watch.py) counting the events it delivers to one agent."""
+
+    def __init__(self, watch: Any, counters: AgentCounters) -> None:
+        self._watch = watch
+        self._counters = counters
+
+    def request_progress(self) -> None:
+        self._watch.request_progress()
+
+    async def items(self) -> AsyncGenerator[Any, None]:
+        stream = self._watch.items()
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                if isinstance(item, RangeEvents):
+                    self._counters.events += len(item.events)
+                yield item
+
 
 class SimStore:
     """The agent's store (``AgentStore``) over a shared ``EtcdStore``: its own committed reader on a
@@ -223,9 +247,10 @@ class SimStore:
         return await self._reader.committed_snapshot(include, max_wait=max_wait)
 
     def follow_commits(
-        self, after_revision: int, include: Include | None = None, *, foreign_batches: bool = False
+        self, after_revision: int, include: Include | None = None, *, foreign_batches: bool = False,
+        ranges: Sequence[KeyRange] | None = None,
     ) -> AsyncGenerator[CommitBatch, None]:
-        return self._reader.follow_commits(after_revision, include, foreign_batches=foreign_batches)
+        return self._reader.follow_commits(after_revision, include, foreign_batches=foreign_batches, ranges=ranges)
 
     async def commit_revision(self) -> int:
         return await self._store.commit_revision()
@@ -260,16 +285,64 @@ class SimStore:
         return self._store.keep_lease(lease_id, ttl)
 
 
+class LazyPolicies(Mapping[str, CompiledPolicy]):
+    """Policies by ``ns/name`` kept as bytes, decoded only when looked up (what relevance asks:
+    the policies the node's endpoints use), so that a thousand simulated agents do not each
+    decode every policy."""
+
+    def __init__(self) -> None:
+        self.raw: dict[str, bytes] = {}
+        self._decoded: dict[str, CompiledPolicy] = {}
+
+    def set(self, name: str, raw: bytes | None) -> None:
+        self._decoded.pop(name, None)
+        if raw is None:
+            self.raw.pop(name, None)
+        else:
+            self.raw[name] = raw
+
+    def __getitem__(self, name: str) -> CompiledPolicy:
+        found = self._decoded.get(name)
+        if found is None:
+            found = self._decoded[name] = CompiledPolicy.from_json(json.loads(self.raw[name]))
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
 class LightState(NodeState):
-    """The agent's node state without decoding: the keys still pass its ``wants`` filter."""
+    """The agent's node state, decoding only what the agent's relevance check reads (its own
+    endpoints; policies lazily): the keys still pass its ``wants`` filter. No rendering."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(node)
+        self.lazy = LazyPolicies()
+        self.policies = self.lazy  # type: ignore[assignment]
 
     def reset(self, values: Mapping[str, bytes], foreign: Mapping[str, int] | None = None,
               mod_revisions: Mapping[str, int] | None = None) -> None:
         self.foreign = {k: r for k, r in (foreign or {}).items() if self.wants(k)}
+        self.lazy = LazyPolicies()
+        self.policies = self.lazy  # type: ignore[assignment]
+        self.endpoints = {}
+        self.update(values)
 
     def update(self, changes: Mapping[str, bytes | None]) -> None:
-        for key in changes:
+        mine = f"endpoints/{self.node}/"
+        for key, raw in changes.items():
             self.foreign.pop(key, None)
+            if key.startswith("policies/"):
+                self.lazy.set(key.removeprefix("policies/"), raw)
+            elif key.startswith(mine):
+                name = key.removeprefix(mine)
+                if raw is None:
+                    self.endpoints.pop(name, None)
+                else:
+                    self.endpoints[name] = Endpoint.from_json(json.loads(raw))
 
 
 class NoDataplane:
@@ -284,10 +357,17 @@ class NoDataplane:
 class SimAgent(Agent):
     """The real agent's commit following and report loop; "apply" records the revision only."""
 
-    def __init__(self, node: str, store: SimStore, metrics: AgentMetrics, report_ttl: int) -> None:
-        super().__init__(AgentConfig(node=node, report_ttl=report_ttl), store, NoDataplane(),  # type: ignore[arg-type]
-                         Features(), metrics)
+    def __init__(self, node: str, store: SimStore, metrics: AgentMetrics, report_ttl: int,
+                 watch_scope: str = "node", on_synced: Callable[[], None] | None = None) -> None:
+        super().__init__(AgentConfig(node=node, report_ttl=report_ttl, watch_scope=watch_scope), store,
+                         NoDataplane(), Features(), metrics)  # type: ignore[arg-type]
         self.state = LightState(node)
+        self._on_synced = on_synced
+
+    async def _unchanged(self, report: bool) -> None:
+        await super()._unchanged(report)
+        if self._on_synced is not None:
+            self._on_synced()
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(self._follow(), name=f"sim-follow-{self.config.node}"),
@@ -302,10 +382,13 @@ class SimAgent(Agent):
         revision = self._revision
         self.health.target_revision = revision
         self.health.applied_revision = revision
+        self.health.synced_revision = revision
         self.health.last_error = None
         self.health.last_sync = datetime.now(UTC).isoformat(timespec="milliseconds")
         self.health.applies += 1
         self._report_wake.set()
+        if self._on_synced is not None:
+            self._on_synced()
         return True
 
 
@@ -320,10 +403,21 @@ class Fleet:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     stores: list[EtcdStore] = field(default_factory=list)
 
+    synced_news: asyncio.Event = field(default_factory=asyncio.Event)
+
     def on_report(self, node: str, applied: int) -> None:
         self.reported.add(node)
         if len(self.reported) == len(self.agents):
             self.first_reports.set()
+
+    def on_synced(self) -> None:
+        self.synced_news.set()
+
+    async def wait_synced(self, revision: int) -> None:
+        """Until every agent here enforces ``revision`` (applied, or seen not to touch its node)."""
+        while min((a.health.synced_revision for a in self.agents), default=revision) < revision:
+            self.synced_news.clear()
+            await self.synced_news.wait()
 
     def totals(self) -> dict[str, Any]:
         return {"events": [c.events for c in self.counters], "reports": sum(c.reports for c in self.counters)}
@@ -337,7 +431,8 @@ class Fleet:
                 await asyncio.wait_for(store.close(), 5)
 
 
-async def start_fleet(endpoint: str, prefix: str, first: int, count: int, channels: int, report_ttl: int) -> Fleet:
+async def start_fleet(endpoint: str, prefix: str, first: int, count: int, channels: int, report_ttl: int,
+                      watch_scope: str = "node") -> Fleet:
     fleet = Fleet()
     for _ in range(channels):
         store = EtcdStore(EtcdConfig(endpoints=[endpoint], prefix=prefix))
@@ -347,7 +442,7 @@ async def start_fleet(endpoint: str, prefix: str, first: int, count: int, channe
     for i in range(first, first + count):
         counters = AgentCounters()
         sim_store = SimStore(fleet.stores[i % channels], counters, fleet.on_report)
-        agent = SimAgent(node_name(i), sim_store, metrics, report_ttl)
+        agent = SimAgent(node_name(i), sim_store, metrics, report_ttl, watch_scope, fleet.on_synced)
         fleet.agents.append(agent)
         fleet.counters.append(counters)
         fleet.tasks.append(asyncio.create_task(agent.run(), name=f"sim-agent-{i}"))
@@ -361,7 +456,7 @@ async def fleet_child(spec: dict[str, Any]) -> None:
     line, "stop" (or end of input) stops. Prints "ready" once every agent has written a report."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s fleet %(name)s %(levelname)s %(message)s")
     fleet = await start_fleet(spec["endpoint"], spec["prefix"], spec["first"], spec["count"], spec["channels"],
-                              spec["report_ttl"])
+                              spec["report_ttl"], spec.get("watch_scope", "node"))
     reader = asyncio.StreamReader()
     await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     await fleet.first_reports.wait()
@@ -370,6 +465,9 @@ async def fleet_child(spec: dict[str, Any]) -> None:
         while line := (await reader.readline()).decode().strip():
             if line == "counters":
                 print(json.dumps(fleet.totals()), flush=True)
+            elif line.startswith("synced "):
+                await fleet.wait_synced(int(line.split()[1]))
+                print("synced", flush=True)
             elif line == "stop":
                 break
     finally:
@@ -412,6 +510,14 @@ class FleetProcess:
         result: dict[str, Any] = json.loads(await self._line(60))
         return result
 
+    async def synced(self, revision: int, timeout: float) -> None:
+        """Until every agent of this process enforces ``revision``."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(f"synced {revision}\n".encode())
+        await self.proc.stdin.drain()
+        if (line := await self._line(timeout)) != "synced":
+            raise RuntimeError(f"fleet process said {line!r}")
+
     async def stop(self) -> None:
         if self.proc is None or self.proc.returncode is not None:
             return
@@ -436,18 +542,19 @@ class Fleets:
     procs: list[FleetProcess] = field(default_factory=list)
     reported: dict[str, int] = field(default_factory=dict)  # node -> applied revision last reported
     reported_at: float = 0.0  # time.monotonic() of the latest report
+    synced_at: float = 0.0  # time.monotonic() when the last wait_synced ended
     report_events: int = 0  # report changes seen (as the controller sees them)
     news: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
     async def start(self, endpoint: str, prefix: str, procs: int, channels: int, report_ttl: int,
-                    workdir: Path, timeout: float) -> None:
+                    workdir: Path, timeout: float, watch_scope: str = "node") -> None:
         reports = await self.store.read_reports()
         self.task = asyncio.create_task(self._watch(reports.revision))
         per = -(-self.nodes // procs)
         for k, first in enumerate(range(0, self.nodes, per)):
             spec = {"endpoint": endpoint, "prefix": prefix, "first": first, "count": min(per, self.nodes - first),
-                    "channels": max(1, channels // procs), "report_ttl": report_ttl}
+                    "channels": max(1, channels // procs), "report_ttl": report_ttl, "watch_scope": watch_scope}
             proc = FleetProcess(spec, workdir / f"fleet-{prefix.strip('/').replace('/', '-')}-{k}.log")
             await proc.start()
             self.procs.append(proc)
@@ -488,6 +595,12 @@ class Fleets:
                 raise TimeoutError(f"{behind} simulated agents did not report revision {revision}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.news.wait(), min(remaining, 1.0))
+
+    async def wait_synced(self, revision: int, timeout: float) -> None:
+        """Until every agent enforces ``revision``: it applied it, or saw that it does not touch its
+        node (agents report only commits that touch their node, issue 11). Sets ``synced_at``."""
+        await asyncio.gather(*(proc.synced(revision, timeout) for proc in self.procs))
+        self.synced_at = time.monotonic()
 
     async def stop(self) -> None:
         await asyncio.gather(*(proc.stop() for proc in self.procs), return_exceptions=True)
@@ -827,6 +940,7 @@ def controller_argv(mode: str, cluster: LocalCluster, prefix: str, name: str, lo
     ]
     if mode == "baseline":
         argv += ["--baseline-status=true", "--status-concurrency=1"]
+    # baseline's agents also watch the whole prefix and report every commit (--watch-scope prefix)
     return argv
 
 
@@ -873,7 +987,7 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
     t_fleet = time.monotonic()
     fleet = Fleets(store, sizes.nodes)
     await fleet.start(cluster.netfence_etcd.endpoint, prefix, args.fleet_procs, args.channels, args.report_ttl,
-                      workdir, args.timeout)
+                      workdir, args.timeout, watch_scope="prefix" if mode == "baseline" else "node")
     await fleet.wait_reported(0, args.timeout)  # every agent has its lease and a first report
     print(f"  [{mode} @ {policies} policies] {sizes.nodes} simulated agents reporting after "
           f"{time.monotonic() - t_fleet:.1f} s", flush=True)
@@ -898,7 +1012,7 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
         print(f"  [{mode} @ {policies} policies] cold start: first commit {result.first_commit_s:.1f} s after "
               f"spawn; statuses written {fmt_s(result.statuses_written_s)}, all Enforced "
               f"{fmt_s(result.all_enforced_s)} after it", flush=True)
-        await fleet.wait_reported(prefix_watch.commits[-1].revision, args.timeout)
+        await fleet.wait_synced(prefix_watch.commits[-1].revision, args.timeout)
         result.idle_cpu_rate = await idle_rate(pid)  # the least of a few samples: its background work
 
         # --- pod label changes: latency, fan-out, CPU, status writes ------------------------------
@@ -930,7 +1044,7 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
             engine.drain_changes()
             affected = [cps_name(*p) for p in affected_policies(engine, commit.keys)]
             result.label_commit.append(commit.seen - t0)
-            reported = asyncio.create_task(fleet.wait_reported(commit.revision, args.timeout))
+            reported = asyncio.create_task(fleet.wait_synced(commit.revision, args.timeout))
             if affected:
                 t_done = await statuses.wait(
                     lambda a=affected, r=commit.revision: all(statuses.enforced_at(n, r) for n in a),
@@ -939,7 +1053,7 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
             else:
                 result.label_noop += 1
             await reported
-            result.label_reported.append(fleet.reported_at - t0)
+            result.label_reported.append(fleet.synced_at - t0)
             result.not_quiet += not await quiesce(pid, result.idle_cpu_rate, QUIET_TIMEOUT)
             # Raw: it includes the controller's background work over the window (idle_cpu_rate x about
             # 1 s); subtracting an idle rate estimate was noisier than the figure at small sizes.
@@ -981,7 +1095,7 @@ async def run_round(cluster: LocalCluster, api: client.ApiClient, workdir: Path,
                     lambda n=status_name, r=commit.revision: statuses.enforced_at(n, r),
                     args.timeout, f"{ns}/{pol} Enforced")
                 result.create_latencies.append(t_done - t0)
-                await fleet.wait_reported(commit.revision, args.timeout)
+                await fleet.wait_synced(commit.revision, args.timeout)
                 await asyncio.sleep(args.gap)
             s = result.summary()
             print(f"  [{mode} @ {policies} policies] {len(created)} policy creates: Enforced p50 "

@@ -36,7 +36,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from netfence_lab.cluster import LocalCluster
 from netfence_lab.etcd_server import EtcdServer
-from netfence_lab.fabric import Fabric
+from netfence_lab.fabric import Fabric, node_pod_cidr6
 from netfence_lab.kubelet import Kubelet
 from netfence_lab.process import ManagedProcess, free_port
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SYSTEM_NAMESPACES = {"default", "kube-system", "kube-public", "kube-node-lease"}
+IP_FAMILY_CHOICES: tuple[tuple[str, ...], ...] = (("ipv4",), ("ipv4", "ipv6"), ("ipv6", "ipv4"))
 
 
 class EnforcementTimeout(TimeoutError):
@@ -90,6 +91,12 @@ class NetfenceEnv:
     etcd_tls: EtcdTls | None = None
     fabric: Fabric | None = None
     kubelet: Kubelet | None = None
+    # node index -> its pod CIDR (None: the fabric's default, 10.244.<i>.0/24)
+    pod_cidr: Callable[[int], str] | None = None
+    # IP families of nodes and pods, the primary one first: ("ipv4",) (IPv4 only; agents run with
+    # --no-ipv6), ("ipv4", "ipv6") or ("ipv6", "ipv4") (dual-stack: IPv6 pod CIDRs fd00:10:244:<i>::/64,
+    # both addresses per pod, agents program ip6tables too)
+    ip_families: tuple[str, ...] = ("ipv4",)
     api: client.ApiClient | None = None
     agents: dict[int, AgentProc] = field(default_factory=dict)
     controllers: dict[str, ManagedProcess] = field(default_factory=dict)
@@ -103,8 +110,14 @@ class NetfenceEnv:
     async def start(self, controllers: int = 1) -> NetfenceEnv:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.api = await config.new_client_from_config(config_file=str(self.cluster.kubeconfig))
-        self.fabric = Fabric(workdir=self.workdir / "fabric")
-        self.kubelet = Kubelet(self.api, self.fabric)
+        if self.ip_families not in IP_FAMILY_CHOICES:
+            raise ValueError(f"ip_families {self.ip_families}: expected one of {IP_FAMILY_CHOICES}")
+        pod_cidr6 = node_pod_cidr6 if self.dual_stack else None
+        if self.pod_cidr is None:
+            self.fabric = Fabric(workdir=self.workdir / "fabric", pod_cidr6=pod_cidr6)
+        else:
+            self.fabric = Fabric(workdir=self.workdir / "fabric", pod_cidr=self.pod_cidr, pod_cidr6=pod_cidr6)
+        self.kubelet = Kubelet(self.api, self.fabric, ipv6_primary=self.ip_families[0] == "ipv6")
         try:
             for index in range(self.nodes):
                 await self.kubelet.add_node(index)
@@ -135,6 +148,10 @@ class NetfenceEnv:
         if self.api is not None:
             with contextlib.suppress(Exception):
                 await self.api.close()
+
+    @property
+    def dual_stack(self) -> bool:
+        return "ipv6" in self.ip_families
 
     def _python(self) -> list[str]:
         return [sys.executable, "-m"]
@@ -192,7 +209,7 @@ class NetfenceEnv:
             *self._python(), "netfence.agent.main",
             f"--node={node}",
             f"--netns={netns}",
-            "--no-ipv6",
+            *([] if self.dual_stack else ["--no-ipv6"]),
             f"--resync-seconds={self.resync_seconds}",
             f"--report-ttl={self.report_ttl}",
             f"--health-port={port}",
@@ -259,7 +276,12 @@ class NetfenceEnv:
             await asyncio.sleep(0.05)
 
     async def _wait_nodes(self, store: Any, commit: int, deadline: float) -> None:
+        """Every agent enforces the committed state at ``commit``: its report says it applied
+        ``commit`` or later, or — agents skip commits that do not touch their node and do not
+        report them (issue 11) — its health says it has seen ``commit`` and enforces it
+        (``syncedRevision``, without an error)."""
         nodes = {a.node for a in self.agents.values()}
+        ports = {a.node: a.health_port for a in self.agents.values()}
         while True:
             reports = await store.read_reports()
             lagging = {
@@ -267,6 +289,10 @@ class NetfenceEnv:
                 for n in nodes
                 if (reports.get(n) or {}).get("appliedRevision", 0) < commit
             }
+            for node in sorted(lagging):
+                health = await _agent_health(ports[node])
+                if health and not health.get("lastError") and int(health.get("syncedRevision") or 0) >= commit:
+                    del lagging[node]
             if not lagging:
                 return
             if time.monotonic() > deadline:
@@ -364,9 +390,9 @@ class NetfenceEnv:
 
     async def delete_pod(self, namespace: str, name: str) -> tuple[str, int]:
         assert self.api is not None and self.kubelet is not None
-        ip = self.kubelet.pod(namespace, name).ip
+        ips = self.kubelet.pod(namespace, name).ips
         await self.kubelet.delete_pod(namespace, name)
-        self._gone.append(lambda values: not _refers_to_pod(values, namespace, name, ip))
+        self._gone.append(lambda values: not any(_refers_to_pod(values, namespace, name, ip) for ip in ips))
         return "pods", 0
 
     # --- reset between scenarios ---------------------------------------------------
@@ -417,3 +443,16 @@ async def finalize_namespace(core: client.CoreV1Api, name: str) -> None:
                 return
             raise
         await asyncio.sleep(0.05)
+
+
+async def _agent_health(port: int) -> dict[str, Any] | None:
+    """An agent's ``/healthz`` body on 127.0.0.1 (None when it does not answer)."""
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session, \
+                session.get(f"http://127.0.0.1:{port}/healthz") as response:
+            body = await response.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None

@@ -11,6 +11,13 @@ Layout of one run with prefix ``P``::
     P-p<n>  eth0 <pod ip>/32, 169.254.1.1 dev eth0 scope link, default via 169.254.1.1
             + one pod server process serving the pod's ports
 
+Dual-stack (``Fabric(pod_cidr6=...)``, e.g. :func:`node_pod_cidr6`) adds IPv6 next to
+it, routed the same way without proxy NDP: node i gets ``fd00:10:243::(i+1)/64`` on
+ul0 (forwarding=1), a route ``fd00:10:244:j::/64 via fd00:10:243::(j+1)`` per other
+node and, on each pod's veth, the link-local gateway ``fe80::1`` and a route to the
+pod's ``/128``; the pod has ``eth0 <pod ip6>/128`` and ``default via fe80::1``. DAD is
+off in every namespace (addresses are usable at once; the layout has no duplicates).
+
 Nothing is ever created in the host's network namespace, and no namespace has
 a link to it.
 """
@@ -27,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,13 +61,17 @@ from netfence_lab.runs import (
     write_owner,
 )
 
-__all__ = ["Fabric", "NodeNet", "PodNet", "cleanup_stale", "node_pod_cidr", "node_underlay_ip"]
+__all__ = ["Fabric", "NodeNet", "PodNet", "cleanup_stale", "node_pod_cidr", "node_pod_cidr6", "node_underlay_ip",
+           "node_underlay_ip6"]
 
 log = logging.getLogger(__name__)
 
 UNDERLAY_PREFIX = "10.243.0"
 DEAD_GATEWAY = "10.243.0.254"  # never assigned: the nodes' default route leads nowhere
 POD_GATEWAY = "169.254.1.1"
+UNDERLAY_PREFIX6 = "fd00:10:243::"
+POD_GATEWAY6 = "fe80::1"  # on every pod's node-side veth (link-local: one per link)
+NO_DAD = {"net.ipv6.conf.all.accept_dad": 0, "net.ipv6.conf.default.accept_dad": 0}
 MAX_NODE_INDEX = 252
 UNDERLAY_IF = "ul0"
 BRIDGE = "br0"
@@ -76,6 +87,15 @@ def node_pod_cidr(index: int) -> str:
     return f"10.244.{index}.0/24"
 
 
+def node_pod_cidr6(index: int) -> str:
+    """Node ``index``'s IPv6 pod CIDR (ULA space; ``index`` is the low byte of the fourth group)."""
+    return f"fd00:10:244:{index:x}::/64"
+
+
+def node_underlay_ip6(index: int) -> str:
+    return f"{UNDERLAY_PREFIX6}{index + 1:x}"
+
+
 @dataclass(frozen=True)
 class NodeNet:
     index: int
@@ -83,6 +103,8 @@ class NodeNet:
     underlay_ip: str
     pod_cidr: str
     fabric_veth: str  # its peer in the fabric namespace
+    pod_cidr6: str | None = None  # dual-stack fabrics only
+    underlay_ip6: str | None = None
 
 
 @dataclass
@@ -93,6 +115,7 @@ class PodNet:
     node: NodeNet
     host_veth: str  # the node-side end of the pod's veth
     ports: tuple[tuple[int, str], ...]
+    ip6: str | None = None  # dual-stack fabrics only
     server: ManagedProcess | None = None
     served: dict[str, Any] = field(default_factory=dict)  # what the server reported when ready
 
@@ -105,8 +128,11 @@ class Fabric:
     """
 
     def __init__(self, prefix: str | None = None, workdir: Path | None = None,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, pod_cidr: Callable[[int], str] = node_pod_cidr,
+                 pod_cidr6: Callable[[int], str] | None = None) -> None:
         self.prefix = check_prefix(prefix) if prefix else new_prefix()
+        self.pod_cidr = pod_cidr  # node index -> its pod CIDR (default 10.244.<i>.0/24)
+        self.pod_cidr6 = pod_cidr6  # node index -> its IPv6 pod CIDR; None: IPv4 only
         self.fabric_netns = f"{self.prefix}-fab"
         self.python = python
         self._own_workdir = workdir is None
@@ -140,7 +166,8 @@ class Fabric:
         add_netns(self.fabric_netns)
         ip_batch(self.fabric_netns, [
             "link set lo up",
-            f"link add {BRIDGE} type bridge",
+            # no multicast snooping: IPv6 neighbour discovery floods like ARP broadcasts
+            f"link add {BRIDGE} type bridge" + (" mcast_snooping 0" if self.pod_cidr6 else ""),
             f"link set {BRIDGE} up",
         ])
 
@@ -152,14 +179,17 @@ class Fabric:
                 raise ValueError(f"node {index} already exists in fabric {self.prefix}")
             self._ensure_fabric()
             node = NodeNet(index=index, netns=f"{self.prefix}-n{index}", underlay_ip=node_underlay_ip(index),
-                           pod_cidr=node_pod_cidr(index),
-                           fabric_veth=check_ifname(f"{self.prefix}f{index}"))
+                           pod_cidr=self.pod_cidr(index),
+                           fabric_veth=check_ifname(f"{self.prefix}f{index}"),
+                           pod_cidr6=self.pod_cidr6(index) if self.pod_cidr6 else None,
+                           underlay_ip6=node_underlay_ip6(index) if self.pod_cidr6 else None)
             add_netns(node.netns)
             try:
                 set_sysctls(node.netns, {
                     "net.ipv4.ip_forward": 1,
                     "net.ipv4.conf.all.rp_filter": 0,
                     "net.ipv4.conf.default.rp_filter": 0,
+                    **({"net.ipv6.conf.all.forwarding": 1, **NO_DAD} if node.pod_cidr6 else {}),
                 })
                 ip_batch(self.fabric_netns, [
                     f"link add {node.fabric_veth} type veth peer name {UNDERLAY_IF} netns {node.netns}",
@@ -173,10 +203,13 @@ class Fabric:
                     f"link set {UNDERLAY_IF} up",
                     f"route add default via {DEAD_GATEWAY} dev {UNDERLAY_IF}",
                     *routes,
+                    *self._node_routes6(node),
                 ])
-                back = f"route add {node.pod_cidr} via {node.underlay_ip} dev {UNDERLAY_IF}"
+                back = [f"route add {node.pod_cidr} via {node.underlay_ip} dev {UNDERLAY_IF}"]
+                if node.pod_cidr6:
+                    back.append(f"route add {node.pod_cidr6} via {node.underlay_ip6} dev {UNDERLAY_IF}")
                 for other in self.nodes.values():
-                    ip_batch(other.netns, [back])
+                    ip_batch(other.netns, back)
             except BaseException:
                 with contextlib.suppress(NetnsError):
                     run(["ip", "-n", self.fabric_netns, "link", "del", node.fabric_veth])
@@ -186,22 +219,35 @@ class Fabric:
             log.debug("fabric %s: node %d up (%s)", self.prefix, index, node.netns)
             return node
 
+    def _node_routes6(self, node: NodeNet) -> list[str]:
+        """A dual-stack node's IPv6 underlay address and its routes to the other nodes' IPv6 pod CIDRs."""
+        if not node.pod_cidr6:
+            return []
+        return [
+            f"addr add {node.underlay_ip6}/64 dev {UNDERLAY_IF} nodad",
+            *(f"route add {o.pod_cidr6} via {o.underlay_ip6} dev {UNDERLAY_IF}" for o in self.nodes.values()),
+        ]
+
     def node(self, index: int) -> NodeNet:
         return self.nodes[index]
 
     # -- pods --------------------------------------------------------------
 
     def add_pod(self, node: NodeNet | int, key: str, ip: str, ports: Sequence[tuple[int, str]],
-                *, name: str | None = None, wait: bool = True) -> PodNet:
+                *, name: str | None = None, wait: bool = True, ip6: str | None = None) -> PodNet:
         """Create a pod namespace on ``node`` with address ``ip`` and start servers on ``ports``.
 
         ``ports`` are ``(port, "TCP"|"UDP"|"SCTP")``; the servers answer with
-        ``name`` (default: ``key``). With ``wait`` (default) this returns once
-        every TCP/UDP port is bound; otherwise call :meth:`wait_ready`.
+        ``name`` (default: ``key``) over every address of the pod. With ``wait``
+        (default) this returns once every TCP/UDP port is bound; otherwise call
+        :meth:`wait_ready`. ``ip6``: the pod's IPv6 address (dual-stack fabrics).
         """
         node = self.nodes[node] if isinstance(node, int) else node
         if ipaddress.ip_address(ip) not in ipaddress.ip_network(node.pod_cidr):
             raise ValueError(f"pod address {ip} is outside node {node.index}'s pod CIDR {node.pod_cidr}")
+        if ip6 is not None and (node.pod_cidr6 is None
+                                or ipaddress.ip_address(ip6) not in ipaddress.ip_network(node.pod_cidr6)):
+            raise ValueError(f"pod address {ip6} is outside node {node.index}'s IPv6 pod CIDR {node.pod_cidr6}")
         norm = tuple((int(p), proto.upper()) for p, proto in ports)
         for _, proto in norm:
             if proto not in ("TCP", "UDP", "SCTP"):
@@ -211,12 +257,12 @@ class Fabric:
                 raise RuntimeError(f"fabric {self.prefix} is closed")
             if key in self.pods:
                 raise ValueError(f"pod {key!r} already exists in fabric {self.prefix}")
-            if any(p.ip == ip for p in self.pods.values()):
-                raise ValueError(f"address {ip} is already in use in fabric {self.prefix}")
+            if any(p.ip == ip or (ip6 is not None and p.ip6 == ip6) for p in self.pods.values()):
+                raise ValueError(f"address {ip} or {ip6} is already in use in fabric {self.prefix}")
             seq = self._pod_seq
             self._pod_seq += 1
             pod = PodNet(key=key, netns=f"{self.prefix}-p{seq}", ip=ip, node=node,
-                         host_veth=check_ifname(f"{self.prefix}p{seq}"), ports=norm)
+                         host_veth=check_ifname(f"{self.prefix}p{seq}"), ports=norm, ip6=ip6)
             self.pods[key] = pod
         try:
             self._wire_pod(pod)
@@ -231,6 +277,8 @@ class Fabric:
     def _wire_pod(self, pod: PodNet) -> None:
         node = pod.node
         add_netns(pod.netns)
+        if pod.ip6:
+            set_sysctls(pod.netns, NO_DAD)  # before eth0 exists: it inherits "default"
         ip_batch(node.netns, [f"link add {pod.host_veth} type veth peer name eth0 netns {pod.netns}"])
         set_sysctls(node.netns, {
             f"net.ipv4.conf.{pod.host_veth}.proxy_arp": 1,
@@ -239,6 +287,8 @@ class Fabric:
         ip_batch(node.netns, [
             f"link set {pod.host_veth} up",
             f"route add {pod.ip}/32 dev {pod.host_veth}",
+            *([f"addr add {POD_GATEWAY6}/64 dev {pod.host_veth} nodad",
+               f"route add {pod.ip6}/128 dev {pod.host_veth}"] if pod.ip6 else []),
         ])
         ip_batch(pod.netns, [
             "link set lo up",
@@ -246,6 +296,8 @@ class Fabric:
             "link set eth0 up",
             f"route add {POD_GATEWAY} dev eth0 scope link",
             f"route add default via {POD_GATEWAY} dev eth0",
+            *([f"addr add {pod.ip6}/128 dev eth0 nodad",
+               f"route add ::/0 via {POD_GATEWAY6} dev eth0"] if pod.ip6 else []),
         ])
 
     def _ready_file(self, pod: PodNet) -> Path:

@@ -286,6 +286,76 @@ def cgroup_hierarchies(base: Path = CGROUP_BASE) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists())
 
 
+# -- what the machine must offer (checked before anything is changed) ---------------------------
+
+# The kubelet's cgroupfs driver creates its pods' cgroups in these v1 hierarchies.
+KUBELET_CGROUP_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids")
+NODE_COMMANDS = ("ip", "iptables", "nsenter", "unshare", "mount", "umount", "containerd", "runc", "ctr")
+CNI_PLUGINS = ("ptp", "host-local", "loopback", "portmap")
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What ``preflight_problems`` judges, read from the machine by ``host_facts``."""
+
+    uid: int
+    cgroup_v2_only: bool  # /sys/fs/cgroup is the unified hierarchy
+    cgroup_v1_controllers: frozenset[str]  # controllers with a mounted v1 hierarchy
+    filesystems: frozenset[str]  # /proc/filesystems
+    kmsg: bool  # /dev/kmsg exists
+    missing_commands: tuple[str, ...]
+    missing_cni_plugins: tuple[str, ...]
+
+
+def preflight_problems(facts: HostFacts) -> list[str]:
+    """What this machine lacks to run the node, one line each (empty: nothing)."""
+    problems = []
+    if facts.uid != 0:
+        problems.append(f"root: the node runs containerd and a kubelet and makes namespaces (uid is {facts.uid})")
+    if facts.cgroup_v2_only:
+        problems.append(f"cgroup v1: {CGROUP_BASE} is cgroup v2 (unified) only; the node test bed "
+                        "(lab/netfence_lab/node.py) records and removes cgroup v1 hierarchies only")
+    else:
+        missing = [c for c in KUBELET_CGROUP_CONTROLLERS if c not in facts.cgroup_v1_controllers]
+        if missing:
+            problems.append(f"cgroup v1 hierarchies {', '.join(missing)} (no {CGROUP_BASE}/<name>/cgroup.procs): "
+                            "the kubelet's cgroupfs driver puts its pods there")
+    if "overlay" not in facts.filesystems:
+        problems.append("the overlay file system (not in /proc/filesystems; modprobe overlay): "
+                        "containerd's snapshotter")
+    if not facts.kmsg:
+        problems.append("/dev/kmsg: the kubelet's OOM watcher reads it (in a container: bind-mount it)")
+    if facts.missing_commands:
+        problems.append(f"commands {', '.join(facts.missing_commands)}: run hack/setup-node.sh")
+    if facts.missing_cni_plugins:
+        problems.append(f"CNI plugins {', '.join(facts.missing_cni_plugins)} in {CNI_BIN_DIR} "
+                        "(Debian's containernetworking-plugins): run hack/setup-node.sh")
+    return problems
+
+
+def host_facts() -> HostFacts:
+    try:
+        filesystems = frozenset(line.split()[-1] for line in Path("/proc/filesystems").read_text().splitlines()
+                                if line.strip())
+    except OSError:
+        filesystems = frozenset()
+    return HostFacts(
+        uid=os.geteuid(),
+        cgroup_v2_only=(CGROUP_BASE / "cgroup.controllers").exists(),
+        cgroup_v1_controllers=frozenset(c for c in KUBELET_CGROUP_CONTROLLERS
+                                        if (CGROUP_BASE / c / "cgroup.procs").exists()),
+        filesystems=filesystems,
+        kmsg=Path("/dev/kmsg").exists(),
+        missing_commands=tuple(c for c in NODE_COMMANDS if shutil.which(c) is None),
+        missing_cni_plugins=tuple(p for p in CNI_PLUGINS if not os.access(Path(CNI_BIN_DIR, p), os.X_OK)),
+    )
+
+
+def preflight() -> list[str]:
+    """What this machine lacks to run the node (``node up`` refuses to start then)."""
+    return preflight_problems(host_facts())
+
+
 # -- node tools --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -548,6 +618,9 @@ class LocalNode:
         if existing is not None and (existing.netns or any(p.alive() for p in existing.processes)):
             raise NodeError(f"a node is recorded in {self.workdir}; "
                             f"run 'netfence node down --dir {self.workdir}' first")
+        problems = preflight()
+        if problems:
+            raise NodeError("this machine cannot run the node; missing: " + "; ".join(problems))
         self.workdir.mkdir(parents=True, exist_ok=True)
         for sub in ("logs", "mounts", "containerd", "kcm-certs"):
             shutil.rmtree(self.workdir / sub, ignore_errors=True)

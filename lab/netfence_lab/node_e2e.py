@@ -10,6 +10,13 @@ upgrade tag whose image reports another version (``TAG=VERSION``, built by
 ``hack/node-images.sh`` with the Dockerfile's VERSION build argument); the rollouts
 check that the agents report the version of the image they run.
 
+``--reduced`` (what CI runs, tests/integration/node/test_node_e2e.py): install with
+default values, one policy ``Enforced`` with probes both ways, and one upgrade to a
+second tag (the same image retagged is fine) with probes every 100 ms during the
+rollout; two tags. The full flow (``make node-e2e``) adds the connectivity check
+before policies, ``helm test``, the upgrade to another version, the rollback and
+the uninstall.
+
 Uninstall: the rules stay on the node as last programmed (fail-static, see
 docs/install.md "Uninstall"); the e2e checks an allowed and a denied pair after
 ``helm uninstall`` and that the ClusterPolicyStatus CRD is kept.
@@ -22,9 +29,12 @@ image needed). Probes are real connections from inside the pods.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +44,8 @@ from typing import Any
 import yaml
 
 from netfence.cli import out
-from netfence_lab.node import LocalNode, NodeError, default_dir, down, ensure_node_tools
+from netfence_lab.cluster import raise_on_signals
+from netfence_lab.node import NODE_NETNS, LocalNode, NodeError, default_dir, down, ensure_node_tools
 from netfence_lab.tools import ensure_tools, find_repo_root
 
 log = logging.getLogger(__name__)
@@ -44,6 +55,7 @@ NAMESPACE = "netfence-system"
 IMAGE_REPO = "ghcr.io/netfence/netfence-{target}"
 AGENT_HEALTH_PORT = 9799  # the chart's agent.healthPort; the agent serves it on the node's loopback
 DEFAULT_TAGS = "0.1.0,0.1.0-b,0.1.0-c=0.1.0+c"  # keep equal to the Makefile's NODE_TAGS
+REDUCED_TAGS = "0.1.0,0.1.0-b"  # --reduced: the install tag and an upgrade tag of the same code
 
 SERVER = """
 import socket, threading
@@ -158,6 +170,7 @@ POLICIES: list[dict[str, Any]] = [
                                      "podSelector": {"matchLabels": {"role": "client"}}}],
                            "ports": [{"protocol": "TCP", "port": 8080}]}]}},
 ]
+REDUCED_POLICY = POLICIES[1]
 MID_ROLLOUT_POLICY: dict[str, Any] = {
     "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
     "metadata": {"name": "only-own-namespace", "namespace": "nf-a"},
@@ -166,12 +179,61 @@ MID_ROLLOUT_POLICY: dict[str, Any] = {
 }
 
 
+class RuleWatch:
+    """Netfence's rules and sets in the node's kernel, sampled in a thread (every ``interval``
+    s, as fast as iptables-save allows under load): the distinct states in the order they
+    appeared, each as ``<rules>r/<members>m@+<seconds>s`` (``since``: the time 0)."""
+
+    def __init__(self, since: float, interval: float = 0.2):
+        self.since = since
+        self.interval = interval
+        self._stop = threading.Event()
+        self._states: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="rule-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        return self._states
+
+    @staticmethod
+    def sample() -> tuple[int, int, str] | None:
+        """Rules (lines naming a Netfence chain, counters dropped), set members, and a digest of both."""
+        try:
+            rules = subprocess.run(["ip", "netns", "exec", NODE_NETNS, "iptables-save", "-t", "filter"],
+                                   capture_output=True, text=True, timeout=10, check=True).stdout
+            sets = subprocess.run(["ip", "netns", "exec", NODE_NETNS, "ipset", "save"],
+                                  capture_output=True, text=True, timeout=10, check=True).stdout
+        except (subprocess.SubprocessError, OSError):
+            return None
+        ours = [line for line in rules.splitlines() if line.startswith("-A") and " nf-" in line]
+        members = sorted(line for line in sets.splitlines() if line.startswith("add nf"))
+        text = "\n".join(ours + members)
+        return len(ours), len(members), hashlib.sha256(text.encode()).hexdigest()
+
+    def _run(self) -> None:
+        last = ""
+        while not self._stop.is_set():
+            found = self.sample()
+            if found is not None and found[2] != last:
+                last = found[2]
+                self._states.append(f"{found[0]}r/{found[1]}m@+{time.time() - self.since:.1f}s")
+            self._stop.wait(self.interval)
+
+
 class E2E:
-    def __init__(self, node: LocalNode, chart: Path, tags: tuple[str, str], report: Report):
+    def __init__(self, node: LocalNode, chart: Path, tags: tuple[str, str], report: Report,
+                 policies: list[dict[str, Any]] | None = None):
         self.node = node
         self.chart = chart
         self.tags = tags
         self.report = report
+        # the installed policies: all of POLICIES, or (--reduced) REDUCED_POLICY alone, which gives
+        # the same verdicts (it isolates nf-b/server, admitting nf-a's clients on TCP 8080 only)
+        self.installed_policies = POLICIES if policies is None else policies
         self.ips: dict[str, str] = {}
         self.probes_checked = 0
 
@@ -179,8 +241,6 @@ class E2E:
         return self.node.kubectl(*args, input=input, timeout=timeout).stdout
 
     def helm(self, *args: str, timeout: float = 600) -> str:
-        import subprocess
-
         res = subprocess.run([str(self.node.tools.helm), *args], capture_output=True, text=True,
                              env=self.node.cluster.env(), timeout=timeout, check=False)
         if res.returncode != 0:
@@ -260,8 +320,8 @@ class E2E:
 
     def policies(self) -> str:
         start = time.monotonic()
-        self.k("apply", "-f", "-", input=yaml.safe_dump_all(POLICIES))
-        enforced = self.wait_enforced(len(POLICIES))
+        self.k("apply", "-f", "-", input=yaml.safe_dump_all(self.installed_policies))
+        enforced = self.wait_enforced(len(self.installed_policies))
         self.report.facts["policies enforced"] = f"{enforced} ({time.monotonic() - start:.1f}s after apply)"
         return enforced
 
@@ -299,24 +359,28 @@ class E2E:
             self.k("-n", ns, "wait", "--for=condition=Ready", "pod/prober", "--timeout=120s", timeout=150)
         return "2 probers"
 
-    def prober_results(self, since: float, until: float) -> tuple[int, list[str]]:
-        """Probes started between ``since`` and ``until``: how many, and the wrong ones (when,
-        which, how it failed). The probers' verdicts never change: the policy changed
-        mid-rollout does not concern their pairs."""
+    def prober_results(self, since: float, until: float) -> tuple[int, list[str], list[float]]:
+        """Probes started between ``since`` and ``until``: how many, the wrong ones (when,
+        which, how it failed), and how long each answered probe of an allowed pair took.
+        The probers' verdicts never change: the policy changed mid-rollout does not
+        concern their pairs."""
         want = {("nf-a", "b-tcp"): True, ("nf-a", "b-udp"): False, ("nf-a", "a-udp"): True,
                 ("nf-c", "b-tcp"): False}
         total = 0
         wrong: list[str] = []
+        answered: list[float] = []
         for ns in ("nf-a", "nf-c"):
             for line in self.k("-n", ns, "logs", "prober").splitlines():
                 with_t = json.loads(line)
                 if not since <= with_t["t"] <= until:
                     continue
                 total += 1
+                if with_t["allow"] and "s" in with_t:
+                    answered.append(float(with_t["s"]))
                 if want[(ns, with_t["target"])] != with_t["allow"]:
                     wrong.append(f"+{with_t['t'] - since:.1f}s {ns} {with_t['target']} allow={with_t['allow']} "
                                  f"{with_t.get('err', '')} after {with_t.get('s', '?')}s")
-        return total, sorted(wrong)
+        return total, sorted(wrong), answered
 
     def versions(self) -> tuple[set[str], set[str]]:
         """The version every agent reports on its health endpoint, and the Netfence
@@ -344,6 +408,8 @@ class E2E:
 
     def rollout(self, action: list[str], what: str, version: str) -> str:
         since = time.time()
+        watch = RuleWatch(since)
+        watch.start()
         self.helm(*action)
         # the policy change in the middle of the rollout
         self.k("apply", "-f", "-", input=yaml.safe_dump(MID_ROLLOUT_POLICY))
@@ -352,17 +418,27 @@ class E2E:
                timeout=320)
         ended = time.time()
         time.sleep(1.5)  # let the probers' last probes (1 s timeout) land in their logs
+        states = watch.stop()
         try:
-            self.wait_enforced(len(POLICIES) + 1)
+            self.wait_enforced(len(self.installed_policies) + 1)
             self.expect(self.enforcement_cases(mid=True))
             versions = self.check_version(version)
         finally:  # the next step starts from the installed policies whatever failed here
             self.k("delete", "-f", "-", input=yaml.safe_dump(MID_ROLLOUT_POLICY))
-            self.wait_enforced(len(POLICIES))
+            self.wait_enforced(len(self.installed_policies))
             # no status says when a deleted policy's rules are gone from the node: bounded retries
             self.expect_within(self.enforcement_cases(mid=False), timeout=30)
-        total, wrong = self.prober_results(since, ended)
+        total, wrong, answered = self.prober_results(since, ended)
         self.report.facts[f"{what} rollout ({ended - since:.0f}s) probes"] = f"{total} checked, {len(wrong)} wrong"
+        # Evidence for the wrong-probe question (a gap in enforcement, or answers slower than the
+        # timeout): how slow the allowed pairs' answers were, and every state Netfence's rules
+        # passed through in the node's kernel (a gap would show as a state with rules missing).
+        slow = sorted(answered)
+        if slow:
+            self.report.facts[f"{what} answer times"] = (
+                f"median {slow[len(slow) // 2] * 1000:.0f} ms, max {slow[-1] * 1000:.0f} ms, "
+                f"{sum(1 for x in slow if x > 0.3)} of {len(slow)} over 300 ms")
+        self.report.facts[f"{what} rule states"] = " -> ".join(states) or "none sampled"
         self.probes_checked += total
         if total == 0 or wrong:
             raise RuntimeError(f"{total} probes, {len(wrong)} wrong: " + "; ".join(wrong[:12]))
@@ -386,6 +462,36 @@ class E2E:
         return f"CRD kept, no release pod left, rules stay: {verdicts}"
 
 
+def run_flow(e2e: E2E, tags: list[str], versions: list[str], reduced: bool) -> None:
+    """The checks after ``node up``, in order; a failed check does not stop the ones after it."""
+    report = e2e.report
+    t0 = time.monotonic()
+    if report.run("helm install (bundled etcd)", e2e.install):
+        report.facts["install time"] = f"{time.monotonic() - t0:.0f}s"
+    report.run("all release pods Running/Ready", e2e.pods_ready)
+    report.run("test workloads Ready", e2e.workloads)
+    if not reduced:
+        report.run("connectivity before policies", lambda: e2e.expect(
+            [(s, d, p, pr, "allow") for s, d, p, pr, _ in e2e.enforcement_cases(False)]))
+    report.run("policies Enforced (policystatus)", e2e.policies)
+    report.run("real connections match the policies", lambda: e2e.expect(e2e.enforcement_cases(False)))
+    if not reduced:
+        report.run("helm test",
+                   lambda: e2e.helm("test", RELEASE, "-n", NAMESPACE, "--timeout", "5m") and "passed")
+    report.run("probers running (every 100 ms)", e2e.start_probers)
+    report.run(f"helm upgrade to {tags[1]} (same code): zero wrong probes", lambda: e2e.rollout(
+        ["upgrade", RELEASE, str(e2e.chart), "-n", NAMESPACE, *e2e.values(tags[1])],
+        f"upgrade to {tags[1]}", versions[1]))
+    if reduced:
+        return
+    report.run(f"helm upgrade to {tags[2]} (version {versions[2]}): zero wrong probes", lambda: e2e.rollout(
+        ["upgrade", RELEASE, str(e2e.chart), "-n", NAMESPACE, *e2e.values(tags[2])],
+        f"upgrade to {tags[2]}", versions[2]))
+    report.run(f"helm rollback to {tags[0]}: zero wrong probes", lambda: e2e.rollout(
+        ["rollback", RELEASE, "1", "-n", NAMESPACE], f"rollback to {tags[0]}", versions[0]))
+    report.run("helm uninstall: CRD kept, rules stay", e2e.uninstall)
+
+
 def chart_app_version(chart: Path) -> str:
     return str(yaml.safe_load((chart / "Chart.yaml").read_text())["appVersion"])
 
@@ -393,8 +499,11 @@ def chart_app_version(chart: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="node-e2e")
     parser.add_argument("--dir", type=Path, default=None)
-    parser.add_argument("--tags", default=DEFAULT_TAGS,
-                        help="install tag, upgrade tag (same code), upgrade tag=version (another version)")
+    parser.add_argument("--tags", default=None,
+                        help="install tag, upgrade tag (same code), upgrade tag=version (another version); "
+                             f"default {DEFAULT_TAGS}, with --reduced the first two: {REDUCED_TAGS}")
+    parser.add_argument("--reduced", action="store_true",
+                        help="what CI runs: install, one policy Enforced with probes both ways, one upgrade")
     parser.add_argument("--keep", action="store_true", help="leave the node up at the end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -403,9 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     if root is None:
         log.error("node-e2e runs from a Netfence checkout")
         return 2
-    specs = [t.partition("=") for t in args.tags.split(",")]
-    if len(specs) != 3:
-        parser.error("--tags: three tags, e.g. " + DEFAULT_TAGS)
+    specs = [t.partition("=") for t in (args.tags or (REDUCED_TAGS if args.reduced else DEFAULT_TAGS)).split(",")]
+    if len(specs) != (2 if args.reduced else 3):
+        parser.error("--tags: " + (f"two tags with --reduced, e.g. {REDUCED_TAGS}" if args.reduced
+                                   else f"three tags, e.g. {DEFAULT_TAGS}"))
     base_version = chart_app_version(root / "helm" / "netfence")
     tags = [tag for tag, _, _ in specs]
     versions = [version or base_version for _, _, version in specs]
@@ -413,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     down(workdir)
     node = LocalNode(workdir, ensure_tools(), ensure_node_tools())
     start = time.monotonic()
+    # SIGTERM/SIGHUP (a CI job's timeout, the pytest wrapper giving up) still take the node down
+    restore_signals = raise_on_signals()
     try:
         try:
             node.up()
@@ -420,27 +532,9 @@ def main(argv: list[str] | None = None) -> int:
         except NodeError as exc:
             report.check("node up", False, str(exc)[-800:])
             raise
-        e2e = E2E(node, root / "helm" / "netfence", (tags[0], tags[1]), report)
-        t0 = time.monotonic()
-        if report.run("helm install (bundled etcd)", e2e.install):
-            report.facts["install time"] = f"{time.monotonic() - t0:.0f}s"
-        report.run("all release pods Running/Ready", e2e.pods_ready)
-        report.run("test workloads Ready", e2e.workloads)
-        report.run("connectivity before policies", lambda: e2e.expect(
-            [(s, d, p, pr, "allow") for s, d, p, pr, _ in e2e.enforcement_cases(False)]))
-        report.run("policies Enforced (policystatus)", e2e.policies)
-        report.run("real connections match the policies", lambda: e2e.expect(e2e.enforcement_cases(False)))
-        report.run("helm test", lambda: e2e.helm("test", RELEASE, "-n", NAMESPACE, "--timeout", "5m") and "passed")
-        report.run("probers running (every 100 ms)", e2e.start_probers)
-        report.run(f"helm upgrade to {tags[1]} (same code): zero wrong probes", lambda: e2e.rollout(
-            ["upgrade", RELEASE, str(e2e.chart), "-n", NAMESPACE, *e2e.values(tags[1])],
-            f"upgrade to {tags[1]}", versions[1]))
-        report.run(f"helm upgrade to {tags[2]} (version {versions[2]}): zero wrong probes", lambda: e2e.rollout(
-            ["upgrade", RELEASE, str(e2e.chart), "-n", NAMESPACE, *e2e.values(tags[2])],
-            f"upgrade to {tags[2]}", versions[2]))
-        report.run(f"helm rollback to {tags[0]}: zero wrong probes", lambda: e2e.rollout(
-            ["rollback", RELEASE, "1", "-n", NAMESPACE], f"rollback to {tags[0]}", versions[0]))
-        report.run("helm uninstall: CRD kept, rules stay", e2e.uninstall)
+        e2e = E2E(node, root / "helm" / "netfence", (tags[0], tags[1]), report,
+                  [REDUCED_POLICY] if args.reduced else POLICIES)
+        run_flow(e2e, tags, versions, args.reduced)
         report.facts["probes checked"] = str(e2e.probes_checked)
     except NodeError:
         pass
@@ -448,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             for line in down(workdir):
                 log.info("%s", line)
+        restore_signals()
     out()
     out("node-e2e report")
     for key, value in report.facts.items():

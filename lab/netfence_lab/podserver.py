@@ -5,6 +5,8 @@
 * TCP (and SCTP where the kernel has it): accept, read one line, reply with
   the pod name and a newline, close.
 * UDP: reply to every datagram with the pod name.
+* Every port is served over IPv4 and IPv6 (one dual-stack socket on ``::``; IPv4
+  only where the namespace has no IPv6).
 * When every port is bound, writes ``--ready-file`` (atomically) with a JSON
   object ``{"pid", "tcp", "udp", "sctp", "sctp_skipped"}``.
 * Exits cleanly on SIGTERM or SIGINT.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -66,13 +69,49 @@ def _stream_handler(reply: bytes) -> Callable[[asyncio.StreamReader, asyncio.Str
     return handle
 
 
-def _listening_socket(port: int, proto: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+def _bound_socket(kind: int, port: int, proto: int = 0) -> socket.socket:
+    """A socket bound to ``port`` on every address of both families (``::``, not IPv6-only),
+    or on ``0.0.0.0`` when the namespace has no IPv6."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", port))
-        sock.listen(128)
+        sock = socket.socket(socket.AF_INET6, kind, proto)
+    except OSError as exc:
+        if exc.errno != errno.EAFNOSUPPORT:
+            raise
+        return _bound_socket_v4(kind, port, proto)
+    try:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
         sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRNOTAVAIL:  # not: IPv6 disabled in this namespace
+            raise
+        return _bound_socket_v4(kind, port, proto)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bound_socket_v4(kind: int, port: int, proto: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, kind, proto)
+    try:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _listening_socket(port: int, proto: int) -> socket.socket:
+    sock = _bound_socket(socket.SOCK_STREAM, port, proto)
+    try:
+        sock.listen(128)
     except BaseException:
         sock.close()
         raise
@@ -93,7 +132,7 @@ async def serve(name: str, stop: asyncio.Event, *, tcp: Sequence[int] = (), udp:
             bound.tcp.append(port)
         for port in udp:
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpEcho(reply), local_addr=("0.0.0.0", port), reuse_port=False)
+                lambda: _UdpEcho(reply), sock=_bound_socket(socket.SOCK_DGRAM, port))
             transports.append(transport)
             bound.udp.append(port)
         for port in sctp:

@@ -43,7 +43,7 @@ BIND_ATTEMPTS = 64  # source ports tried per probe when they are taken in its na
 
 
 class Probe(NamedTuple):
-    """One probe: from the namespace ``src_netns`` to ``dst_ip:port/protocol``."""
+    """One probe: from the namespace ``src_netns`` to ``dst_ip:port/protocol`` (IPv4 or IPv6)."""
 
     src_netns: str
     dst_ip: str
@@ -70,13 +70,16 @@ class Prober:
 
     # -- sockets -----------------------------------------------------------
 
-    def open_socket(self, netns: str, kind: int, proto: int = 0) -> socket.socket:
-        """A new AF_INET socket living in ``netns``."""
-        return self._switcher.call(netns, socket.socket, socket.AF_INET, kind, proto)
+    def open_socket(self, netns: str, kind: int, proto: int = 0, family: int = socket.AF_INET) -> socket.socket:
+        """A new socket of ``family`` (AF_INET or AF_INET6) living in ``netns``."""
+        sock: socket.socket = self._switcher.call(netns, socket.socket, family, kind, proto)
+        if family == socket.AF_INET6:  # its source port must not hold the IPv4 one too
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return sock
 
-    def _sctp_socket(self, netns: str) -> socket.socket:
+    def _sctp_socket(self, netns: str, family: int) -> socket.socket:
         try:
-            return self.open_socket(netns, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+            return self.open_socket(netns, socket.SOCK_STREAM, socket.IPPROTO_SCTP, family)
         except OSError as exc:
             if exc.errno in _NO_SCTP:
                 raise SctpUnsupported(exc.errno, f"no SCTP in this kernel: {exc.strerror}") from exc
@@ -90,12 +93,13 @@ class Prober:
         Raises :class:`SctpUnsupported` for SCTP probes on a kernel without SCTP.
         """
         proto = probe.protocol.upper()
+        family = socket.AF_INET6 if ":" in probe.dst_ip else socket.AF_INET
         if proto == "UDP":
-            sock = self.open_socket(probe.src_netns, socket.SOCK_DGRAM)
+            sock = self.open_socket(probe.src_netns, socket.SOCK_DGRAM, family=family)
         elif proto == "TCP":
-            sock = self.open_socket(probe.src_netns, socket.SOCK_STREAM)
+            sock = self.open_socket(probe.src_netns, socket.SOCK_STREAM, family=family)
         elif proto == "SCTP":
-            sock = self._sctp_socket(probe.src_netns)
+            sock = self._sctp_socket(probe.src_netns, family)
         else:
             raise ValueError(f"unknown protocol {probe.protocol!r} (want one of {PROTOCOLS})")
         source: int | None = None
@@ -124,7 +128,7 @@ class Prober:
         for _ in range(BIND_ATTEMPTS):
             port = ports.take(proto)
             try:
-                sock.bind(("0.0.0.0", port))
+                sock.bind(("::" if sock.family == socket.AF_INET6 else "0.0.0.0", port))
             except OSError as exc:
                 ports.release(proto, port)
                 if exc.errno != errno.EADDRINUSE:

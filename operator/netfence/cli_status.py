@@ -35,8 +35,10 @@ def _endpoints(args: argparse.Namespace) -> list[str]:
 
 
 def status_rows(reports: Mapping[str, Mapping[str, Any]], commit_revision: int,
-                now: datetime | None = None) -> list[dict[str, Any]]:
-    """Pure: one row per agent report, sorted by node."""
+                now: datetime | None = None, needed: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
+    """Pure: one row per agent report, sorted by node. ``needed``: per node, the revision of the
+    last committed change that matters to it (``model/relevance.needed_revisions``; agents do not
+    report commits that do not touch their node): the lag counts from there, else from the commit."""
     now = now or datetime.now(UTC)
     rows = []
     for node in sorted(reports):
@@ -52,7 +54,7 @@ def status_rows(reports: Mapping[str, Mapping[str, Any]], commit_revision: int,
         rows.append({
             "node": node,
             "appliedRevision": applied,
-            "lag": max(0, commit_revision - applied),
+            "lag": max(0, (needed or {}).get(node, commit_revision) - applied),
             "lastSync": when,
             "age": age,
             "lastError": report.get("lastError") or "",
@@ -74,14 +76,18 @@ def format_rows(rows: list[dict[str, Any]], commit_revision: int) -> list[str]:
     return lines
 
 
-async def _gather(settings: EtcdSettings) -> tuple[dict[str, dict[str, Any]], int]:
+async def _gather(settings: EtcdSettings) -> tuple[dict[str, dict[str, Any]], int, dict[str, int]]:
+    """Reports, the last commit, and per reporting node the revision it must have applied."""
+    from netfence.model.relevance import needed_revisions
     from netfence.store.etcd import EtcdStore
 
     store = EtcdStore(settings)
     await store.connect()
     try:
         reports = await store.read_reports()
-        return dict(reports), await store.commit_revision()
+        state = await store.committed_snapshot(max_wait=5.0)
+        needed = needed_revisions(state.values, state.mod_revisions, reports)
+        return dict(reports), state.commit_revision, needed
     finally:
         await store.close()
 
@@ -93,7 +99,7 @@ def status_command(args: argparse.Namespace) -> int:
 
     endpoints = _endpoints(args)
     try:
-        reports, commit = asyncio.run(asyncio.wait_for(_gather(etcd_settings(args, endpoints)), 10))
+        reports, commit, needed = asyncio.run(asyncio.wait_for(_gather(etcd_settings(args, endpoints)), 10))
     except TimeoutError:
         raise CliError(f"etcd at {','.join(endpoints)} did not answer within 10s; check that it runs") from None
     except ConfigError as exc:
@@ -101,7 +107,7 @@ def status_command(args: argparse.Namespace) -> int:
     except StoreError as exc:
         raise CliError(f"cannot read node reports from etcd at {','.join(endpoints)} ({exc}); "
                        "check that it runs and the endpoints are right") from None
-    rows = status_rows(reports, commit)
+    rows = status_rows(reports, commit, needed=needed)
     if args.output == "json":
         out(json.dumps({"commitRevision": commit, "agents": rows}, indent=2))
     else:

@@ -11,6 +11,7 @@ Invalid input raises :class:`ConfigError` with one line naming the flag.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -117,8 +118,18 @@ class AgentConfig:
     # "node": watch only what this node needs, skip commits not relevant to it (issue 11);
     # "prefix": benchmarks and upgrade tests only: behave as agents before (whole prefix, every commit).
     watch_scope: str = "node"
+    #: benchmarks only (bench/agent_bench.py): the per-commit path before incremental rendering
+    #: (render the whole model and diff it all; a full sync rewrites every chain and set)
+    bench_full_render: bool = False
+    #: this node's pod CIDRs: a pod there is denied until the model knows it (Features.workload_cidrs)
+    pod_cidrs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for cidr in self.pod_cidrs:
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError as exc:
+                raise ConfigError(f"pod CIDR {cidr!r}: {exc}") from None
         if self.watch_scope not in WATCH_SCOPES:
             raise ConfigError(f"watch scope {self.watch_scope!r}: one of {', '.join(WATCH_SCOPES)}")
         if not self.node:
@@ -295,6 +306,10 @@ def agent_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     opt.add("--watch-scope", "WATCH_SCOPE", "node",
             "benchmarks and upgrade tests only: 'prefix' behaves as agents before issue 11 (watch the "
             "whole etcd prefix, apply and report every commit); default 'node'")
+    parser.add_argument("--bench-full-render", action="store_true", help=argparse.SUPPRESS)
+    opt.add("--pod-cidrs", "POD_CIDRS", "",
+            "comma-separated pod CIDRs of this node: their addresses that are no known pod are dropped "
+            "both ways (a new pod is denied until its rules exist); default: none")
     _add_metrics(opt)
     _add_etcd(opt)
     _add_logging(opt)
@@ -320,4 +335,6 @@ def load_agent_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         max_schema=_number(args, "--max-schema", int),
         disable_features=tuple(f.strip() for f in str(args.disable_features or "").split(",") if f.strip()),
         watch_scope=str(args.watch_scope),
+        bench_full_render=bool(args.bench_full_render),
+        pod_cidrs=tuple(c.strip() for c in str(args.pod_cidrs or "").split(",") if c.strip()),
     )

@@ -202,7 +202,7 @@ def test_json_report_shape(mixed_run: tuple[list[ScenarioResult], str], tmp_path
         assert step["status"] == "passed" and step["passed"] is True and step["dump"] is None
         [expect] = step["expect"]
         assert expect == {"port": 80, "protocol": "TCP", "status": "passed", "passed": True, "skipped": False,
-                          "wrong": []}
+                          "wrong": [], "families": ["ipv4"]}
     enforce = sorted(s["enforceSeconds"] for r in report["scenarios"] for s in r["steps"])
     assert report["enforceSeconds"] == {"p50": enforce[len(enforce) // 2], "max": enforce[-1]}
 

@@ -4,7 +4,7 @@ The wheel is built from exactly the files the Dockerfile's build stage copies,
 with the build tools of image/build-requirements.lock (hash-checked, no build
 isolation, as the build stage does), then installed into a fresh virtualenv
 with the hash-checked image/requirements.lock by image/install-wheel.sh (the
-script the runtime stage runs); every console script must start. pip-compile
+script the base stage and the targets run, in the same two steps); every console script must start. pip-compile
 run against PyPI keeps both locks as they are (they match pyproject.toml). The agent's iptables
 backend directories are made by image/install-iptables-backends.sh from this
 machine's Debian iptables package, like the agent stage does.
@@ -69,11 +69,13 @@ def installed_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     venv = work / "venv"
     # `python` on PATH is this interpreter, as `python` is the base image's in the Dockerfile.
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    install = subprocess.run(
-        ["sh", str(IMAGE / "install-wheel.sh"), str(venv), str(dist), str(IMAGE / "requirements.lock")],
-        capture_output=True, text=True, env=env, check=False, timeout=240,
-    )
-    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    # As the Dockerfile: the locked dependencies (base stage), then the wheel (the targets' code layer).
+    for wheel_dir, lock in (("-", str(IMAGE / "requirements.lock")), (str(dist), "-")):
+        install = subprocess.run(
+            ["sh", str(IMAGE / "install-wheel.sh"), str(venv), wheel_dir, lock],
+            capture_output=True, text=True, env=env, check=False, timeout=240,
+        )
+        assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
     yield venv
 
 

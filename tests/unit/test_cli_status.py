@@ -26,6 +26,14 @@ def test_rows_sorted_with_lag_and_age() -> None:
     assert b["lastError"].startswith("iptables-restore failed")
 
 
+def test_lag_counts_from_the_last_change_that_matters_to_the_node() -> None:
+    """Agents do not report commits that do not touch their node (issue 11): a node whose
+    keys last changed at 90 and that applied 90 is in sync, whatever the last commit."""
+    rows = status_rows(REPORTS, 120, now=NOW, needed={"node-b": 90, "node-a": 125})
+    by_node = {r["node"]: r for r in rows}
+    assert by_node["node-b"]["lag"] == 0 and by_node["node-a"]["lag"] == 5
+
+
 def test_rows_tolerate_odd_reports() -> None:
     rows = status_rows({"n": {"appliedRevision": None, "time": "not a time"},
                         "z": {"appliedRevision": 5, "time": "2024-05-01T11:59:00"},  # no zone: UTC

@@ -49,6 +49,12 @@ def test_controller_defaults() -> None:
 def test_agent_defaults() -> None:
     config = load_agent_config(["--node=n1"], env={})
     assert config == AgentConfig(node="n1")
+    assert config.watch_scope == "node"
+
+
+def test_agent_watch_scope_for_benchmarks_and_upgrade_tests() -> None:
+    assert load_agent_config(["--node=n1", "--watch-scope=prefix"], env={}).watch_scope == "prefix"
+    assert load_agent_config(["--node=n1"], env={"NETFENCE_WATCH_SCOPE": "prefix"}).watch_scope == "prefix"
 
 
 def test_controller_flags_as_the_test_bed_and_chart_pass_them(tls: dict[str, Path]) -> None:
@@ -167,6 +173,7 @@ AGENT_ERRORS = [
     (["--node=n", "--resync-seconds=0"], {}, "resync period must be positive"),
     (["--node=n", "--report-ttl=1"], {}, "report TTL 1: must be at least 2 seconds"),
     (["--node=n", "--max-schema=3"], {}, "max schema 3: known schemas are [1, 2]"),
+    (["--node=n", "--watch-scope=cluster"], {}, "watch scope 'cluster': one of node, prefix"),
     (["--node=n", "--health-port=0"], {}, "health port 0: expected a port number"),
     (["--node=n", "--disable-features=warp-drive"], {}, "disabled features: unknown feature 'warp-drive'"),
     (["--node=n", "--etcd-endpoints= , "], {}, "etcd endpoints: at least one host:port is required"),

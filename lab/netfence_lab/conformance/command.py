@@ -11,8 +11,10 @@ from pathlib import Path
 
 from netfence.cli import Subcommands, add_command
 from netfence_lab.cli_errors import LAB_ERRORS
+from netfence_lab.conformance.families import DEFAULT_MODE, MODES, parse_mode
 from netfence_lab.conformance.runner import run_scenarios, summary_line, write_json
 from netfence_lab.conformance.scenario import Scenario, ScenarioError, collect_files, load_scenario
+from netfence_lab.peer_env import ENFORCERS
 
 KNOWN_ERRORS = LAB_ERRORS  # netfence.cli.main reports these as one line
 
@@ -30,6 +32,17 @@ def register(sub: Subcommands) -> None:
     run.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for enforcement per step")
     run.add_argument("--json", type=Path, default=None, metavar="FILE", help="write a machine-readable report")
     run.add_argument("--workdir", type=Path, default=None, help="keep logs and dumps here (default: a temp dir)")
+    run.add_argument(
+        "--enforcer", choices=ENFORCERS, default="netfence",
+        help="who enforces: netfence (controller + agents; waits for its enforcement signal) or "
+             "kube-network-policies (the comparison peer, built by hack/setup-peer.sh; one process per "
+             "node, no enforcement signal: each step probes until its tables hold or --timeout passes)",
+    )
+    run.add_argument(
+        "--ip-family", type=parse_mode, default=DEFAULT_MODE, metavar="|".join(MODES),
+        help="probe over IPv4 (default), IPv6 (placeholders yield IPv6 addresses) or both (dual: every cell "
+        "must hold over both families)",
+    )
 
 
 def load_all(paths: list[Path]) -> list[Scenario | ScenarioError]:
@@ -66,7 +79,8 @@ def run_command(args: argparse.Namespace) -> int:
     cluster.start()
     try:
         results = asyncio.run(
-            run_scenarios(items, cluster, workdir, default_nodes=args.nodes, timeout=args.timeout, out=out)
+            run_scenarios(items, cluster, workdir, default_nodes=args.nodes, timeout=args.timeout, out=out,
+                          ip_family=args.ip_family, enforcer=args.enforcer)
         )
     finally:
         cluster.stop()

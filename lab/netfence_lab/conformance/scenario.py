@@ -58,6 +58,7 @@ class Expectation:
     clients: tuple[str, ...]
     servers: tuple[str, ...]
     cells: dict[tuple[str, str], bool | None]  # (client, server) -> expected; None = either
+    family: str | None = None  # "ipv4"/"ipv6": probed over that family only, whatever the run's --ip-family
 
 
 @dataclass(frozen=True)
@@ -213,8 +214,11 @@ def parse_expect(ctx: _Ctx, raw: Any, where: str) -> Expectation:
     protocol = str(data.get("protocol", "TCP"))
     if protocol not in PROTOCOLS:
         raise ctx.fail(f"{where}.protocol", "one of TCP, UDP, SCTP", protocol)
+    family = data.get("family")
+    if family is not None and family not in ("ipv4", "ipv6"):
+        raise ctx.fail(f"{where}.family", "ipv4 or ipv6", family)
     clients, servers, cells = parse_table(ctx, data.get("table"), f"{where}.table")
-    return Expectation(port, protocol, clients, servers, cells)
+    return Expectation(port, protocol, clients, servers, cells, family)
 
 
 def e2e_preset() -> tuple[tuple[NamespaceSpec, ...], tuple[PodSpec, ...]]:
@@ -309,28 +313,9 @@ def collect_files(paths: list[Path]) -> list[Path]:
     return out
 
 
-_PLACEHOLDER = re.compile(r"\$\{(ip|cidr):([^}]*)\}")
-
-
 def substitute(value: Any, ips: Mapping[str, str]) -> Any:
-    """Replace ``${ip:NS/POD}`` and ``${cidr:NS/POD/LEN}`` in every string of a manifest."""
-    import ipaddress
+    """Replace ``${ip:NS/POD}`` and ``${cidr:NS/POD/LEN}`` in every string of a manifest (one
+    address per pod). Runs of another IP family use :func:`netfence_lab.conformance.families.expand`."""
+    from netfence_lab.conformance.families import expand, family_of  # it imports this module
 
-    def repl(match: re.Match[str]) -> str:
-        kind, arg = match.group(1), match.group(2)
-        if kind == "ip":
-            if arg not in ips:
-                raise ScenarioError(f"placeholder ${{ip:{arg}}}: no such pod")
-            return ips[arg]
-        pod, _, length = arg.rpartition("/")
-        if pod not in ips or not length.isdigit():
-            raise ScenarioError(f"placeholder ${{cidr:{arg}}}: expected NS/POD/LEN of an existing pod")
-        return str(ipaddress.ip_network(f"{ips[pod]}/{length}", strict=False))
-
-    if isinstance(value, str):
-        return _PLACEHOLDER.sub(repl, value)
-    if isinstance(value, list):
-        return [substitute(v, ips) for v in value]
-    if isinstance(value, dict):
-        return {k: substitute(v, ips) for k, v in value.items()}
-    return value
+    return expand(value, {pod: {family_of(ip): ip} for pod, ip in ips.items()}, "ipv4")

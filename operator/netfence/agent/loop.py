@@ -45,8 +45,9 @@ from netfence.agent.metrics import AgentMetrics
 from netfence.agent.node_state import NodeState
 from netfence.config import AgentConfig
 from netfence.dataplane.apply import ApplyError, Dataplane
+from netfence.dataplane.incremental import IncrementalRenderer
 from netfence.dataplane.pins import PinCache, PinKey, Pinned
-from netfence.dataplane.render import Features, render, unenforceable
+from netfence.dataplane.render import Features, unenforceable
 from netfence.store.connection import RETRY_BACKOFF_MAX
 from netfence.store.errors import CompactedError
 from netfence.store.protocols import AgentStore
@@ -104,6 +105,8 @@ class Agent:
         if self.features != features:
             log.warning("kernel features switched off by configuration: %s", ", ".join(config.disable_features))
         self.state = NodeState(config.node, max_schema=config.max_schema)
+        # re-renders only the chains and sets a commit touches (dataplane/incremental.py)
+        self.renderer = IncrementalRenderer(self.features, full=config.bench_full_render)
         self._pins = PinCache()
         self._unenforceable: list[tuple[str, str]] = []
         self.health = AgentHealth(node=config.node)
@@ -180,7 +183,9 @@ class Agent:
             model = self.state.model()
             try:
                 pinned = await self._pinned(self.state.unresolved())
-                ruleset = render(model, features=self.features, pinned=pinned)
+                if full:
+                    self.renderer.reset()  # a repair or retry also renders everything afresh
+                ruleset = self.renderer.render(model, pinned=pinned)
                 self._unenforceable = unenforceable(model, self.features)
                 self.health.bad_keys = len(self.state.bad_keys())
                 self.health.unenforceable = len(self._unenforceable)

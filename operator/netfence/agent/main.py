@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -34,8 +35,9 @@ async def run(config: AgentConfig) -> None:
 
     store = EtcdStore(config.etcd)
     runner = SubprocessRunner(netns=config.netns)
-    dataplane = Dataplane(runner, ipv6=config.ipv6)
+    dataplane = Dataplane(runner, ipv6=config.ipv6, rewrite_all=config.bench_full_render, prefetch=True)
     features = await asyncio.to_thread(dataplane.detect_features)
+    features = dataclasses.replace(features, workload_cidrs=config.pod_cidrs)
     metrics = AgentMetrics()  # a registry of this process's own, served on --metrics-port
     agent = Agent(config, store, dataplane, features, metrics)
 

@@ -40,7 +40,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from netfence.controller.kube import KubeApi, api_error_text, cps_name, cps_reference, policy_reference
 from netfence.controller.world import PolicyMeta, WorldTracker
 from netfence.model.compiler import ModelEngine
-from netfence.model.relevance import node_keys
+from netfence.model.relevance import node_revisions
 from netfence.status.aggregate import (
     BadKeyHit,
     NodeReport,
@@ -449,12 +449,8 @@ class StatusWriter:
                                object_generation=object_gen)
         revision = max((self.key_revisions.get(k, 0) for k in view.relevant_keys), default=0)
         warnings.extend(view.warnings)
-        policy = f"{meta.namespace}/{meta.name}"
-        node_revisions = {  # per node: the last change relevant to it (model/relevance.py)
-            node: max((self.key_revisions.get(k, 0) for k in node_keys(view.relevant_keys, node, "policy", policy)),
-                      default=0)
-            for node in view.nodes
-        }
+        # per node: the last change relevant to it (model/relevance.py); agents skip the others
+        per_node = node_revisions(view.relevant_keys, lambda k: self.key_revisions.get(k, 0), view.nodes)
         return PolicyFacts(
             namespace=meta.namespace,
             name=meta.name,
@@ -465,7 +461,7 @@ class StatusWriter:
             warnings=tuple(warnings),
             bad_keys=bad_keys,
             object_generation=object_gen,
-            node_revisions=node_revisions,
+            node_revisions=per_node,
         )
 
     def _evaluate(self, meta: PolicyMeta, bad_keys: tuple[BadKeyHit, ...] = ()) -> Evaluated:

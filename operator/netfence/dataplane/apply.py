@@ -9,8 +9,10 @@ that do not carry our prefixes, and never removes anything on shutdown.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from netfence.dataplane.kernel import (
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 _IPT = {"v4": "iptables", "v6": "ip6tables"}
 _PROBE_CHAIN = "NETFENCE-PROBE"
+#: A kernel read started by ensure_hooks() serves the first full sync only if it is this recent.
+PREFETCH_MAX_AGE = 30.0
 
 
 class ApplyError(RuntimeError):
@@ -60,9 +64,20 @@ class _Snapshot:
 
 
 class Dataplane:
-    def __init__(self, runner: CommandRunner, ipv6: bool = True) -> None:
+    """``rewrite_all``: a full sync rewrites every chain and refills every set, even
+    those the kernel already holds as desired (the behaviour before full syncs
+    diffed against the kernel; benchmarks measure it with this switch).
+    ``prefetch``: :meth:`ensure_hooks` starts reading our chains and sets in the
+    background, for the first full sync (an agent start: the tools run while the
+    agent reads etcd and renders)."""
+
+    def __init__(self, runner: CommandRunner, ipv6: bool = True, *, rewrite_all: bool = False,
+                 prefetch: bool = False) -> None:
         self.runner = runner
         self.ipv6 = ipv6
+        self.rewrite_all = rewrite_all
+        self.prefetch = prefetch and not rewrite_all
+        self._prefetched: tuple[float, Future[KernelState]] | None = None
         self.families: tuple[Family, ...] = FAMILIES if ipv6 else FAMILIES[:1]
         self._applied: Ruleset | None = None
         self._desired: Ruleset | None = None
@@ -122,6 +137,30 @@ class Dataplane:
             if fix:
                 log.info("%s: placing the %s hook at the top of FORWARD", ipt, FORWARD_CHAIN)
                 self._restore(fam, "*filter\n" + "".join(f"{ln}\n" for ln in fix) + "COMMIT\n")
+        if self.prefetch and self._applied is None and self._prefetched is None:
+            self._start_prefetch()
+
+    def _start_prefetch(self) -> None:
+        future: Future[KernelState] = Future()
+
+        def read() -> None:
+            try:
+                future.set_result(self._read_kernel(contents=True))
+            except BaseException as exc:  # handed to the full sync, which reads again
+                future.set_exception(exc)
+
+        self._prefetched = (time.monotonic(), future)
+        threading.Thread(target=read, name="kernel-prefetch", daemon=True).start()
+
+    def _full_sync_read(self) -> KernelState:
+        """The kernel state a full sync plans against: the prefetched read if recent, else read now."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and time.monotonic() - prefetched[0] < PREFETCH_MAX_AGE:
+            try:
+                return prefetched[1].result()
+            except Exception as exc:
+                log.warning("reading the kernel ahead failed (%s); reading it again", exc)
+        return self._read_kernel(contents=not self.rewrite_all)
 
     def apply(self, desired: Ruleset) -> ApplyResult:
         """Make the kernel match ``desired`` (a delta, or a full sync when needed).
@@ -135,8 +174,9 @@ class Dataplane:
         applied, self._applied = self._applied, None
         if applied is None:
             self._snapshot = None  # until the full sync succeeds, check_drift() says "not in sync"
-        kernel = self._read_kernel(contents=False) if applied is None else None
-        p = plan(applied, desired, kernel=kernel)
+        # A full sync reads our chains and sets and rewrites only what differs (rewrite_all: everything).
+        kernel = self._full_sync_read() if applied is None else None
+        p = plan(applied, desired, kernel=kernel, spell=self._spell)
         try:
             self._execute(p)
         except ApplyError:
@@ -144,8 +184,10 @@ class Dataplane:
             raise
         self._applied = desired
         if p.full:
-            self._record_full(desired)
-            log.info("full sync: %d rules, %d sets", desired.rule_count, desired.set_count)
+            # Nothing written: the kernel is as just read, no need to read it back.
+            self._record_full(desired, kernel if p.empty else None)
+            log.info("full sync: %d rules, %d sets (%d chains and %d sets written)", desired.rule_count,
+                     desired.set_count, sum(len(c) for c in p.changed_chains.values()), len(p.changed_sets))
         else:
             self._record_delta(p, desired)
         return ApplyResult(desired.rule_count, desired.set_count, time.perf_counter() - start, p.full)
@@ -204,8 +246,10 @@ class Dataplane:
     def _spelled(self, chains: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
         return {c: self._spell(r) for c, r in chains.items()}
 
-    def _record_full(self, desired: Ruleset) -> None:
-        kernel = self._read_kernel(contents=True)
+    def _record_full(self, desired: Ruleset, kernel: KernelState | None = None) -> None:
+        """Take the snapshot after a full sync from ``kernel`` (read back now if None)."""
+        if kernel is None or kernel.sets is None:
+            kernel = self._read_kernel(contents=True)
         for fam in self.families:
             got = kernel.table(fam).chains
             for chain, rules in desired.family_chains(fam).items():

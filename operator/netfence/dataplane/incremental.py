@@ -35,24 +35,25 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from netfence.dataplane.members import SET_TYPE, family_members
-from netfence.dataplane.names import Direction, endpoint_chain, policy_chain
+from netfence.dataplane.names import Direction, endpoint_chain, policy_chain, set_name
 from netfence.dataplane.pins import Pinned
 from netfence.dataplane.render import (
+    _SET_REF,
     DIRECTIONS,
     ESTABLISHED_RETURN,
     Features,
     _FamilyRenderer,
-    _ip_mask,
     _rule_set_ids,
+    dispatch_lines,
     endpoint_lines,
     render,
+    unknown_workload_drops,
 )
 from netfence.dataplane.ruleset import (
     FAMILIES,
     FORWARD_CHAIN,
     FROM_WL_CHAIN,
     SET_FAMILY,
-    SET_REF,
     TO_WL_CHAIN,
     Family,
     IpSet,
@@ -126,12 +127,15 @@ class _FamilyState:
         self.users: dict[str, set[str]] = {}  # rule chain -> endpoints listing it
         self.chain_sets: dict[str, frozenset[str]] = {}  # rule chain -> set ids its rules name
         self.set_users: dict[str, set[str]] = {}  # set id -> rule chains naming it
+        #: the last rules of the dispatch chains (features.workload_cidrs: unknown workloads dropped)
+        self.drops = {d: unknown_workload_drops(d, family, features) for d in DIRECTIONS}
         self.out: dict[str, tuple[str, ...]] = {
             FORWARD_CHAIN: (*ESTABLISHED_RETURN, f"-j {FROM_WL_CHAIN}", f"-j {TO_WL_CHAIN}"),
-            FROM_WL_CHAIN: (),
-            TO_WL_CHAIN: (),
+            FROM_WL_CHAIN: self.drops["egress"],
+            TO_WL_CHAIN: self.drops["ingress"],
         }
         self.out_sorted = False
+        self._out_copy: dict[str, tuple[str, ...]] | None = None  # the last snapshot, while still current
         self.set_refs: dict[str, int] = {}  # ipset name -> output chains naming it
         self.set_ids: dict[str, str] = {}  # ipset name -> set id
         self.ipsets: dict[str, IpSet] = {}
@@ -141,10 +145,11 @@ class _FamilyState:
     # ---- output bookkeeping ----------------------------------------------------
     def _set_out(self, name: str, lines: tuple[str, ...] | None) -> None:
         old = self.out.get(name)
-        if old is lines:
+        if old is lines or old == lines:
             return
+        self._out_copy = None
         if old is not None:
-            for ref in SET_REF.findall("\n".join(old)):
+            for ref in _SET_REF.findall("\n".join(old)):
                 self.set_refs[ref] -= 1
                 if not self.set_refs[ref]:
                     del self.set_refs[ref]
@@ -156,7 +161,7 @@ class _FamilyState:
         if old is None:
             self.out_sorted = False
         self.out[name] = lines
-        for ref in SET_REF.findall("\n".join(lines)):
+        for ref in _SET_REF.findall("\n".join(lines)):
             count = self.set_refs.get(ref, 0)
             self.set_refs[ref] = count + 1
             if not count:
@@ -174,24 +179,26 @@ class _FamilyState:
     def update(self, model: NodeModel, changes: ModelChanges, rendered: Counter[str]) -> None:
         renderer = _FamilyRenderer(model, self.family, self.features)
         redo: dict[str, set[Direction]] = {}  # endpoint -> directions whose endpoint chain to re-render
-        recheck: set[str] = set()  # rule chains to render again (or forget)
+        recheck: set[str] = set()  # rule chains whose users changed: new ones to render, unused ones to forget
         for key in changes.endpoints:
             self._endpoint_changed(key, model, renderer, recheck, redo)
+        dirty: set[str] = set()  # rule chains whose content may have changed
         for key in changes.policies:
             for direction in DIRECTIONS:
                 chain = policy_chain(direction, key)
                 if chain in self.users:
-                    recheck.add(chain)
+                    dirty.add(chain)
         for sid in changes.set_kinds:
-            recheck.update(self.set_users.get(sid, ()))
-        for chain in sorted(recheck):
-            self._rule_chain(chain, model, renderer, redo, rendered)
+            dirty.update(self.set_users.get(sid, ()))
+        for chain in sorted(recheck | dirty):
+            if chain in dirty or chain not in self.rule_lines or not self.users.get(chain):
+                self._rule_chain(chain, model, renderer, redo, rendered)
         for key, directions in redo.items():
             self._endpoint_chains(key, directions, model, rendered)
         if changes.endpoints:
             self._dispatch()
         for sid in changes.sets:
-            name = renderer_set_name(self.family, sid)
+            name = set_name(self.family, sid)
             if name in self.set_refs:
                 self._new_set_names.add(name)
         self.set_ids.update(renderer.set_ids)
@@ -203,10 +210,11 @@ class _FamilyState:
                           redo: dict[str, set[Direction]]) -> None:
         old = self.endpoints.pop(key, None)
         if old is not None:
-            for refs in old.refs.values():
-                for chain in refs:
+            for old_refs in old.refs.values():
+                for chain in old_refs:
                     self.users[chain].discard(key)
-                    recheck.add(chain)
+                    if not self.users[chain]:
+                        recheck.add(chain)
             for name in old.chains:
                 self._set_out(name, None)
         ep = model.endpoints.get(key)
@@ -226,14 +234,11 @@ class _FamilyState:
                         recheck.add(chain)
                 if chains:
                     refs[direction] = tuple(chains)
-        mask = _ip_mask(self.family)
         state = _EndpointState(ips, refs)
-        if "egress" in refs:
-            fw = endpoint_chain("egress", ep.key)
-            state.from_wl = tuple(f"-s {ip}/{mask} -g {fw}" for ip in ips)
-        if "ingress" in refs:
-            tw = endpoint_chain("ingress", ep.key)
-            state.to_wl = tuple(f"-d {ip}/{mask} -g {tw}" for ip in ips)
+        fw = endpoint_chain("egress", ep.key) if "egress" in refs else None
+        tw = endpoint_chain("ingress", ep.key) if "ingress" in refs else None
+        state.from_wl = dispatch_lines("egress", ips, fw, self.family, self.features)
+        state.to_wl = dispatch_lines("ingress", ips, tw, self.family, self.features)
         self.endpoints[key] = state
         redo[key] = set(refs)
 
@@ -295,18 +300,22 @@ class _FamilyState:
         if len(self.order) != len(self.endpoints) or any(k not in self.endpoints for k in self.order):
             self.order = sorted(self.endpoints)
         eps = [self.endpoints[k] for k in self.order]
-        self._set_out(FROM_WL_CHAIN, tuple(line for ep in eps for line in ep.from_wl))
-        self._set_out(TO_WL_CHAIN, tuple(line for ep in eps for line in ep.to_wl))
+        self._set_out(FROM_WL_CHAIN, (*(line for ep in eps for line in ep.from_wl), *self.drops["egress"]))
+        self._set_out(TO_WL_CHAIN, (*(line for ep in eps for line in ep.to_wl), *self.drops["ingress"]))
 
     def _ipset(self, name: str, model: NodeModel) -> None:
         sid = self.set_ids.get(name)
         ps = model.sets.get(sid) if sid is not None else None
         if ps is None:  # cannot happen: rendered rules name only sets of the model
             raise ValueError(f"rendered rules refer to set {name}, which is not in the model")
-        if name not in self.ipsets:
+        ipset = IpSet(name=name, type=SET_TYPE[ps.kind], family=SET_FAMILY[self.family],
+                      members=family_members(ps.kind, ps.members, self.family))
+        old = self.ipsets.get(name)
+        if old is None:
             self.ipsets_sorted = False
-        self.ipsets[name] = IpSet(name=name, type=SET_TYPE[ps.kind], family=SET_FAMILY[self.family],
-                                  members=family_members(ps.kind, ps.members, self.family))
+        elif old == ipset:  # e.g. only the other family's members changed: plan() skips the same object
+            return
+        self.ipsets[name] = ipset
 
     def snapshot(self) -> tuple[dict[str, tuple[str, ...]], dict[str, IpSet]]:
         """Copies of the chains and ipsets, sorted by name (the caller may keep them)."""
@@ -316,13 +325,9 @@ class _FamilyState:
         if not self.ipsets_sorted:
             self.ipsets = dict(sorted(self.ipsets.items()))
             self.ipsets_sorted = True
-        return dict(self.out), self.ipsets
-
-
-def renderer_set_name(family: Family, set_id: str) -> str:
-    from netfence.dataplane.names import set_name
-
-    return set_name(family, set_id)
+        if self._out_copy is None:  # unchanged chains: the same dict again (plan() skips it at once)
+            self._out_copy = dict(self.out)
+        return self._out_copy, self.ipsets
 
 
 class IncrementalRenderer:
@@ -332,7 +337,7 @@ class IncrementalRenderer:
     agent did before; benchmarks use it to measure the old path in the same run.
     """
 
-    def __init__(self, features: Features = Features(), *, full: bool = False) -> None:
+    def __init__(self, features: Features, *, full: bool = False) -> None:
         self.features = features
         self.full = full
         #: chain name -> times it was rendered incrementally (tests count through it)
@@ -357,9 +362,16 @@ class IncrementalRenderer:
             families = FAMILIES if self.features.ipv6 else FAMILIES[:1]
             self._families = {fam: _FamilyState(fam, self.features) for fam in families}
             previous = NodeModel(node=model.node, endpoints={}, policies={}, sets={})
-        changes = ModelChanges.between(previous, model)
-        for state in self._families.values():
-            state.update(model, changes, self.rendered)
+        self._model = None  # until the update is complete: a failure leaves no half-updated state behind
+        try:
+            changes = ModelChanges.between(previous, model)
+            for state in self._families.values():
+                state.update(model, changes, self.rendered)
+        except Exception:
+            log.exception("incremental rendering failed; rendering the whole model")
+            self.reset()
+            self.full_renders += 1
+            return render(model, features=self.features)
         self._model = model
         chains: dict[Family, dict[str, tuple[str, ...]]] = {}
         sets: dict[str, IpSet] = {}

@@ -62,8 +62,8 @@ def entries(kind: SetKind, member: str) -> list[tuple[Family, str]]:
 def family_members(kind: SetKind, members: tuple[str, ...], family: Family) -> frozenset[str]:
     """The entries of ``family``; for hash:net an except (nomatch) wins over an equal CIDR.
 
-    Cached (pure; the result is immutable): the agent renders its whole model on
-    every commit, and re-parsing every member of every unchanged set dominated that.
+    Cached (pure; the result is immutable): a full render (agent start, repair)
+    would otherwise re-parse every member of every unchanged set.
     A malformed member is therefore logged once per distinct member list, not per render.
     """
     by_element: dict[str, str] = {}

@@ -15,6 +15,7 @@ in step 1 only ever gain new sets or the new membership of existing ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from netfence.dataplane.kernel import KernelState, hook_fix
@@ -72,21 +73,33 @@ def _text(lines: list[str]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def plan(applied: Ruleset | None, desired: Ruleset, *, kernel: KernelState | None = None) -> Plan:
+def plan(
+    applied: Ruleset | None,
+    desired: Ruleset,
+    *,
+    kernel: KernelState | None = None,
+    spell: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None,
+) -> Plan:
     """The commands turning ``applied`` into ``desired``.
 
-    ``applied`` None means a full sync: every desired chain is rewritten in one
-    transaction per family, every existing set is refilled through a swap, and
-    whatever of ours ``kernel`` (the state read from the kernel; None = nothing
-    of ours exists) holds beyond ``desired`` is removed. The hook in FORWARD is
-    (re)placed at the top within the same transaction.
+    ``applied`` None means a full sync against ``kernel`` (the state read from
+    the kernel; None = nothing of ours exists): the desired chains are written
+    in one transaction per family, existing sets are refilled through a swap,
+    and whatever of ours the kernel holds beyond ``desired`` is removed. The
+    hook in FORWARD is (re)placed at the top within the same transaction.
+    When ``kernel`` was read with set contents (``kernel.sets``), chains and
+    sets the kernel already holds exactly as desired are left alone (chains
+    compared after ``spell``, the kernel's spelling of rendered rules); read
+    with names only, every chain is rewritten and every set refilled.
     """
     if applied is None:
-        return _full_plan(desired, kernel or KernelState())
+        return _full_plan(desired, kernel or KernelState(), spell or (lambda rules: rules))
     ipset_lines: list[str] = []
     changed_sets: list[str] = []
     for name, new in desired.sets.items():
         old = applied.sets.get(name)
+        if old is new:  # kept by the incremental renderer: unchanged
+            continue
         if old is None:
             lines = _fill(new, name)
         elif old.header() != new.header():
@@ -96,15 +109,17 @@ def plan(applied: Ruleset | None, desired: Ruleset, *, kernel: KernelState | Non
         if lines:
             ipset_lines += lines
             changed_sets.append(name)
-    removed_sets = sorted(set(applied.sets) - set(desired.sets))
+    removed_sets = sorted(n for n in applied.sets if n not in desired.sets)
 
     restores: dict[Family, str] = {}
     changed: dict[Family, tuple[str, ...]] = {}
     removed: dict[Family, tuple[str, ...]] = {}
     for fam in FAMILIES:
         old_chains, new_chains = applied.family_chains(fam), desired.family_chains(fam)
-        write = [c for c, rules in new_chains.items() if old_chains.get(c) != rules]
-        drop = sorted(set(old_chains) - set(new_chains))
+        if old_chains is new_chains:
+            continue
+        write = [c for c, rules in new_chains.items() if (prev := old_chains.get(c)) is not rules and prev != rules]
+        drop = sorted(c for c in old_chains if c not in new_chains)
         if write or drop:
             restores[fam] = _restore_text(_chain_lines(new_chains, write, drop))
             changed[fam], removed[fam] = tuple(write), tuple(drop)
@@ -120,10 +135,15 @@ def plan(applied: Ruleset | None, desired: Ruleset, *, kernel: KernelState | Non
     )
 
 
-def _full_plan(desired: Ruleset, kernel: KernelState) -> Plan:
+def _full_plan(desired: Ruleset, kernel: KernelState, spell: Callable[[tuple[str, ...]], tuple[str, ...]]) -> Plan:
+    keep = kernel.sets  # read with contents: leave alone what already is as desired
     ipset_lines: list[str] = []
+    changed_sets: list[str] = []
     handled_temps: set[str] = set()
     for name, s in desired.sets.items():
+        if keep is not None and keep.get(name) == s:
+            continue
+        changed_sets.append(name)
         if name in kernel.set_names:
             tmp = temp_set_name(name)
             ipset_lines += _rebuild(s, leftover_temp=tmp in kernel.set_names)
@@ -139,9 +159,11 @@ def _full_plan(desired: Ruleset, kernel: KernelState) -> Plan:
         chains = desired.family_chains(fam)
         table = kernel.table(fam)
         stale = sorted(c for c in table.chains if c not in chains and is_owned_chain(c))
-        lines = _chain_lines(chains, list(chains), stale, tuple(hook_fix(table.hooks)))
-        restores[fam] = _restore_text(lines)
-        changed[fam], removed[fam] = tuple(chains), tuple(stale)
+        write = list(chains) if keep is None else [c for c, r in chains.items() if table.chains.get(c) != spell(r)]
+        fix = tuple(hook_fix(table.hooks))
+        if write or stale or fix:
+            restores[fam] = _restore_text(_chain_lines(chains, write, stale, fix))
+        changed[fam], removed[fam] = tuple(write), tuple(stale)
     return Plan(
         full=True,
         ipset_restore=_text(ipset_lines),
@@ -149,7 +171,7 @@ def _full_plan(desired: Ruleset, kernel: KernelState) -> Plan:
         ipset_destroy=_text([f"destroy {n}" for n in stale_sets]),
         changed_chains=changed,
         removed_chains=removed,
-        changed_sets=tuple(desired.sets),
+        changed_sets=tuple(changed_sets),
         removed_sets=tuple(stale_sets),
     )
 

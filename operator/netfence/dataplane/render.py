@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from netfence.dataplane.members import SET_TYPE, family_members
 from netfence.dataplane.names import Direction, endpoint_chain, policy_chain, set_name
@@ -67,15 +68,22 @@ class Features:
     policies concerned for the node report.
     ``drop_invalid``: endpoint chains drop conntrack INVALID packets before
     evaluating policies (as Calico does).
+    ``workload_cidrs``: this node's pod CIDRs. When set, a pod is denied until it is
+    known: traffic from or to an address of these CIDRs that is no local endpoint of the
+    model is dropped at the end of the dispatch chains, and a known endpoint with no
+    policy in a direction returns there (as Calico felix drops traffic of workload
+    interfaces it has no endpoint for). Empty: no such rules (addresses not in the
+    model are not filtered).
     """
 
     ipv6: bool = True
     sctp_port_match: bool = True
     drop_invalid: bool = True
+    workload_cidrs: tuple[str, ...] = ()
 
     def without(self, feature_ids: Iterable[str]) -> Features:
         """These Features with the named kernel features (``FEATURE_FIELDS`` ids) switched off."""
-        off: dict[str, bool] = {}
+        off: dict[str, Any] = {}
         for feature in feature_ids:
             if feature not in FEATURE_FIELDS:
                 raise ValueError(f"unknown feature {feature!r}; known: {', '.join(sorted(FEATURE_FIELDS))}")
@@ -133,6 +141,31 @@ def endpoint_lines(ep_key: str, direction: Direction, jumps: Iterable[str], feat
         lines += [f"-j {chain}", RETURN_IF_ACCEPTED]
     lines.append(f"{_comment(what + ' denied')} -j DROP")
     return tuple(lines)
+
+
+def dispatch_lines(direction: Direction, ips: Iterable[str], chain: str | None, family: Family,
+                   features: Features) -> tuple[str, ...]:
+    """An endpoint's dispatch rules in ``direction``: go to its endpoint chain; without one (no
+    policy in that direction) return at once, but only when unknown workloads are dropped."""
+    match, mask = ("-s" if direction == "egress" else "-d"), _ip_mask(family)
+    if chain is not None:
+        return tuple(f"{match} {ip}/{mask} -g {chain}" for ip in ips)
+    if features.workload_cidrs:
+        return tuple(f"{match} {ip}/{mask} -j RETURN" for ip in ips)
+    return ()
+
+
+def unknown_workload_drops(direction: Direction, family: Family, features: Features) -> tuple[str, ...]:
+    """The last rules of a dispatch chain: drop this node's pod-CIDR addresses that no endpoint
+    rule above matched (pods the model does not know yet)."""
+    match = "-s" if direction == "egress" else "-d"
+    out = []
+    for text in features.workload_cidrs:
+        net = ipaddress.ip_network(text, strict=False)
+        if (net.version == 4) == (family == "v4"):
+            what = f"netfence {direction} {'from' if direction == 'egress' else 'to'} unknown workload"
+            out.append(f"{match} {net} {_comment(what)} -j DROP")
+    return tuple(out)
 
 
 @dataclass
@@ -237,8 +270,9 @@ class _FamilyRenderer:
 
     def _rule_lines(self, direction: Direction, rule: CompiledRule) -> tuple[str, ...]:
         """The rule's lines, cached: they depend only on the family, direction, rule, SCTP
-        support and the kind (or absence) of the sets it names, and the agent renders its
-        whole model on every commit. Warnings are logged when a rule is first rendered."""
+        support and the kind (or absence) of the sets it names, and full renders (agent
+        start, repairs, pinned rules) render every policy again. Warnings are logged when a
+        rule is first rendered."""
         kinds = tuple((sid, self._kind(sid)) for sid in _rule_set_ids(rule))
         key = (self.family, direction, rule, self.features.sctp_port_match, kinds)
         hit = _RULE_CACHE.get(key)
@@ -324,7 +358,6 @@ class _FamilyRenderer:
     def render(self) -> dict[str, tuple[str, ...]]:
         from_wl: list[str] = []
         to_wl: list[str] = []
-        mask = _ip_mask(self.family)
         for key in sorted(self.model.endpoints):
             ep = self.model.endpoints[key]
             ips = self.endpoint_ips(ep)
@@ -332,12 +365,14 @@ class _FamilyRenderer:
                 continue
             fw = self.endpoint_chain(ep, "egress")
             tw = self.endpoint_chain(ep, "ingress")
-            from_wl += [f"-s {ip}/{mask} -g {fw}" for ip in ips if fw]
-            to_wl += [f"-d {ip}/{mask} -g {tw}" for ip in ips if tw]
+            from_wl += dispatch_lines("egress", ips, fw, self.family, self.features)
+            to_wl += dispatch_lines("ingress", ips, tw, self.family, self.features)
         # Endpoints without a good value keep their kernel dispatch (and chains, pulled in below).
         pinned_dispatch = self.pins.dispatch.get(self.family, {})
         from_wl += [ln for ln in pinned_dispatch.get(FROM_WL_CHAIN, ()) if ln not in from_wl]
         to_wl += [ln for ln in pinned_dispatch.get(TO_WL_CHAIN, ()) if ln not in to_wl]
+        from_wl += unknown_workload_drops("egress", self.family, self.features)
+        to_wl += unknown_workload_drops("ingress", self.family, self.features)
         self.chains[FROM_WL_CHAIN] = tuple(from_wl)
         self.chains[TO_WL_CHAIN] = tuple(to_wl)
         self.chains[FORWARD_CHAIN] = (*ESTABLISHED_RETURN, f"-j {FROM_WL_CHAIN}", f"-j {TO_WL_CHAIN}")

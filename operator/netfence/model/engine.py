@@ -195,10 +195,8 @@ class ModelEngine(MembershipState):
             return None
         policies = self._pod_policies.get(key)
         cluster = [self._cpolicies[n].compiled for n in self._pod_cluster_policies(key)]
-        if not policies and not cluster:
-            return None
-        endpoint = make_endpoint(pod, (self._policies[pk].compiled for pk in policies or ()), cluster)
-        return endpoint if policies or endpoint.has_cluster_policies else None
+        # every endpoint pod gets its record, selected or not: agents deny the pods they do not know
+        return make_endpoint(pod, (self._policies[pk].compiled for pk in policies or ()), cluster)
 
     def _set_members(self, state: SetState) -> tuple[str, ...]:
         spec = state.spec

@@ -140,6 +140,7 @@ class MembershipState:
         for sid, spec in compilation.sets.items():
             state = self._sets.get(sid) or self._create_set(sid, spec)
             state.refs.add(pk)
+            self._out.mark(set_key(sid))  # a set that was only a subject is written from now on
         if old is not None:
             for sid in old.specs.keys() - compilation.sets.keys():
                 self._unref_set(sid, pk)
@@ -190,6 +191,7 @@ class MembershipState:
         for sid, spec in compilation.sets.items():
             state = self._sets.get(sid) or self._create_set(sid, spec)
             state.crefs.add(name)
+            self._out.mark(set_key(sid))  # a set that was only a subject is written from now on
         subject_spec = policy.subject_spec()
         subject = set_id(subject_spec)
         subject_state = self._sets.get(subject) or self._create_set(subject, subject_spec)
@@ -389,6 +391,7 @@ class MembershipState:
     def _release_set(self, sid: str) -> None:
         """Forget set ``sid`` once nothing refers to it any more."""
         state = self._sets[sid]
+        self._out.mark(set_key(sid))  # it may have become a subject only (no longer written)
         if state.refs or state.crefs or state.subject_of:
             return
         del self._sets[sid]

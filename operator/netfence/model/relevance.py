@@ -13,7 +13,7 @@ leaves N's rules as they were.
   commit that is not relevant to its node (:func:`commit_relevant`).
 * Status aggregation (``controller/status_writer.py``) needs, per policy P and
   required node N, the revision of the last change to P's keys that is
-  relevant to N (:func:`node_keys`): a node that a commit does not touch stays
+  relevant to N (:func:`node_revisions`): a node that a commit does not touch stays
   synced without reporting. That revision is always a commit relevant to N
   (the max over keys N uses), so an agent following this rule reaches it; an
   agent that reports every commit (older agents) reaches it too.
@@ -27,9 +27,12 @@ skipping a change is not).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
+
+from netfence.model.enforcement import CompiledPolicy, Endpoint, ModelDecodeError
 
 Kind = Literal["endpoint", "policy", "clusterpolicy", "set", "layout", "bookkeeping"]
 
@@ -153,11 +156,71 @@ def node_uses(
     return NodeUses(node, {kind: frozenset(values) for kind, values in names.items()})
 
 
-def node_keys(keys: Iterable[str], node: str, policy_kind: Kind, policy: str) -> list[str]:
-    """Of one policy's relevant keys (its own key, its sets' keys, its endpoints' keys on every
-    node), those relevant to ``node`` when ``node`` uses that policy: all but other nodes'
-    endpoints."""
-    keys = list(keys)
-    set_ids = {found[1] for key in keys if (found := classify(key)) and found[0] == "set" and found[1]}
-    uses = NodeUses(node, {policy_kind: frozenset((policy,)), "set": frozenset(set_ids)})
-    return [key for key in keys if key_relevant(key, uses)]
+def node_revisions(keys: Iterable[str], revision_of: Callable[[str], int],
+                   nodes: Iterable[str]) -> dict[str, int]:
+    """Per node of ``nodes``, the newest revision among one policy's relevant ``keys`` (its
+    own key, its sets' keys, its endpoints' keys on every node) that matter to that node when
+    it uses the policy: every key but other nodes' endpoints (:func:`key_relevant` with the
+    policy and its sets as the node's uses). O(keys + nodes)."""
+    base = 0
+    by_node: dict[str, int] = {}
+    for key in keys:
+        found = classify(key)
+        if found is not None and found[0] == "bookkeeping":
+            continue
+        revision = revision_of(key)
+        if found is not None and found[0] == "endpoint":
+            node = found[1] or ""
+            by_node[node] = max(by_node.get(node, 0), revision)
+        else:
+            base = max(base, revision)
+    return {node: max(base, by_node.get(node, 0)) for node in nodes}
+
+
+def needed_revisions(values: Mapping[str, bytes], mod_revisions: Mapping[str, int],
+                     nodes: Iterable[str]) -> dict[str, int]:
+    """Per node, the newest revision among the committed keys that matter to it *now* (its
+    endpoints, the policies they use, those policies' sets, the layout, keys of unknown
+    families): a node whose applied revision reaches it enforces the committed state
+    (``netfence status``'s lag). From one committed snapshot, so a key deleted since (a pod
+    gone) is not seen: a node that has not applied a deletion may show no lag. Values that
+    do not decode count as referencing nothing."""
+    endpoint_keys: dict[str, list[str]] = {}
+    named: dict[tuple[Kind, str], int] = {}  # (kind, name) -> newest revision of its keys
+    everyone = 0  # layout and unknown families: every node
+    for key in values:
+        found = classify(key)
+        revision = mod_revisions.get(key, 0)
+        if found is None or found[0] == "layout":
+            everyone = max(everyone, revision)
+        elif found[0] == "endpoint":
+            endpoint_keys.setdefault(found[1] or "", []).append(key)
+        elif found[0] != "bookkeeping" and found[1] is not None:
+            named[(found[0], found[1])] = max(named.get((found[0], found[1]), 0), revision)
+    policies: dict[str, CompiledPolicy] = {}
+
+    def policy(name: str) -> CompiledPolicy | None:
+        if name not in policies and (raw := values.get(f"policies/{name}")) is not None:
+            try:
+                policies[name] = CompiledPolicy.from_json(json.loads(raw))
+            except (ValueError, ModelDecodeError, TypeError, KeyError):
+                return None
+        return policies.get(name)
+
+    out: dict[str, int] = {}
+    for node in nodes:
+        needed = everyone
+        endpoints = []
+        for key in endpoint_keys.get(node, ()):
+            needed = max(needed, mod_revisions.get(key, 0))
+            try:
+                endpoints.append(Endpoint.from_json(json.loads(values[key])))
+            except (ValueError, ModelDecodeError, TypeError, KeyError):
+                continue
+        known = {name: p for ep in endpoints for name in (*ep.ingress, *ep.egress) if (p := policy(name)) is not None}
+        uses = node_uses(node, endpoints, {"policy": known})
+        for kind, names in uses.names.items():
+            for name in names:
+                needed = max(needed, named.get((kind, name), 0))
+        out[node] = needed
+    return out

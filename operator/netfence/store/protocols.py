@@ -28,13 +28,13 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from netfence.store.layout import Layout
-from netfence.store.ranges import KeyRange
 from netfence.store.types import (
     Acquired,
     CommitBatch,
     CommittedState,
     Fence,
     Include,
+    KeyRange,
     KeyVersion,
     Reports,
     Snapshot,

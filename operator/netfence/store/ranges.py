@@ -26,13 +26,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from netfence.store.types import KeyRange
 
-@dataclass(frozen=True, slots=True)
-class KeyRange:
-    """A relative key (``prefix`` False) or key prefix to watch."""
-
-    rel: str
-    prefix: bool = True
+__all__ = ["KeyRange", "RangeMerger"]
 
 
 Changes = dict[str, bytes | None]

@@ -10,6 +10,14 @@ Include = Callable[[str], bool]
 
 
 @dataclass(frozen=True, slots=True)
+class KeyRange:
+    """A relative key (``prefix`` False) or key prefix to watch (``follow_commits(ranges=...)``)."""
+
+    rel: str
+    prefix: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Fence:
     """Proof of leadership: the leader key (absolute) and its create revision."""
 

@@ -18,6 +18,14 @@ drives the gRPC Watch stream itself:
   counts towards rebuilding the channel, a stream cancelled because its channel
   was replaced resumes at once on the new one, and the wait before a retry ends
   as soon as the channel is connected again (``store/connection.py``).
+
+:class:`RangeWatch` does the same for several key ranges on one stream (an
+agent's watch scope, issue 11), each resuming from its own next revision, and
+sends progress requests (``WatchProgressRequest``) on demand: etcd answers one only once every
+watch on the stream has sent everything up to the answer's revision, which is
+what ``store/ranges.py`` needs to release a commit whole. (The deferral noted
+above concerns watches whose start revision is in the future; a reader asks
+for progress only about revisions it has already seen.)
 """
 
 from __future__ import annotations

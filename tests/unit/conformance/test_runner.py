@@ -62,7 +62,8 @@ class AnsweringProber:
 
 def test_probe_step_judges_every_cell_the_prober_answered() -> None:
     scenario = parse_scenario(TWO_PODS, Path("two-pods.yaml"))
-    pods = {"n/a": SimpleNamespace(netns="ns-a", ip="10.0.0.1"), "n/b": SimpleNamespace(netns="ns-b", ip="10.0.0.2")}
+    pods = {"n/a": SimpleNamespace(netns="ns-a", ip="10.0.0.1", ips=("10.0.0.1",)),
+            "n/b": SimpleNamespace(netns="ns-b", ip="10.0.0.2", ips=("10.0.0.2",))}
     env: Any = SimpleNamespace(kubelet=SimpleNamespace(pods=pods))
     # n/a -> n/b must be denied but connects; n/b -> n/a is allowed and connects.
     prober = AnsweringProber({("ns-a", "10.0.0.2"): True, ("ns-b", "10.0.0.1"): True})
@@ -115,6 +116,7 @@ def test_json_report_rounds_and_aggregates(tmp_path: Path) -> None:
     assert [s["enforceSeconds"] for s in one["steps"]] == [0.1235, 2.0, 0.5]
     assert one["steps"][0]["expect"][0] == {
         "port": 80, "protocol": "TCP", "status": "passed", "passed": True, "skipped": False, "wrong": [],
+        "families": ["ipv4"],
     }
     assert report["scenarios"][1]["steps"] == []
 

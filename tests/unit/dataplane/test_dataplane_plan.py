@@ -15,7 +15,7 @@ from netfence.dataplane.kernel import (
 )
 from netfence.dataplane.names import set_name
 from netfence.dataplane.plan import plan, uninstall_plan
-from netfence.dataplane.render import render
+from netfence.dataplane.render import ESTABLISHED_RETURN, render
 from netfence.dataplane.ruleset import IpSet, Ruleset
 from netfence.model.enforcement import CompiledPolicy, CompiledPort, CompiledRule, NodeModel, PeerSet
 
@@ -219,3 +219,53 @@ def test_parse_ipset_output_keeps_only_ours() -> None:
         "nf6-n1": IpSet("nf6-n1", "hash:net", "inet6", frozenset({"fd00::/8 nomatch", "::/1"}))
     }
     assert parse_set_names("foreign\nnf4-a\nnf6-b\n") == {"nf4-a", "nf6-b"}
+
+
+def _kernel_holding(desired: Ruleset, v4_hooks: tuple[int, ...] = (1,)) -> KernelState:
+    return KernelState(
+        tables={fam: TableState(chains=dict(desired.family_chains(fam)), hooks=v4_hooks if fam == "v4" else (1,))
+                for fam in desired.families},
+        set_names=frozenset(desired.sets),
+        sets=dict(desired.sets),
+    )
+
+
+def test_full_sync_against_a_kernel_read_with_contents_writes_only_what_differs() -> None:
+    desired = render(ingress_basic())
+    assert plan(None, desired, kernel=_kernel_holding(desired)).empty  # an agent restart on an intact kernel
+
+    name = set_name("v4", FRONTEND.id)
+    chains = dict(desired.family_chains("v4"))
+    some = next(c for c in chains if c.startswith("nf-pi-"))
+    kernel = _kernel_holding(desired, v4_hooks=(2,))
+    kernel.tables["v4"].chains[some] = ("-j RETURN",)  # drifted
+    kernel.tables["v4"].chains["nf-pi-stale"] = ()
+    assert kernel.sets is not None
+    kernel.sets[name] = IpSet(name, "hash:ip", "inet", frozenset({"10.9.9.9"}))
+    p = plan(None, desired, kernel=kernel)
+    assert p.full and p.changed_chains["v4"] == (some,) and p.removed_chains["v4"] == ("nf-pi-stale",)
+    v4 = p.iptables_restore["v4"].splitlines()
+    assert [ln for ln in v4 if ln.startswith(":")] == [f":{some} - [0:0]"]
+    assert v4[-4:] == ["-X nf-pi-stale", "-I FORWARD 1 -j NETFENCE-FORWARD", "-D FORWARD 3", "COMMIT"]
+    assert p.changed_sets == (name,) and f"swap {name}-t {name}" in p.ipset_restore  # refilled atomically
+    assert "v6" not in p.iptables_restore  # nothing differs there: no transaction at all
+
+
+def test_full_sync_compares_in_the_kernels_spelling() -> None:
+    desired = render(ingress_basic())
+    kernel = _kernel_holding(desired)
+    theirs = {r: r.replace("--ctstate", "--ctstate ") for r in ESTABLISHED_RETURN}  # the kernel spells these so
+    fwd = kernel.tables["v4"].chains["NETFENCE-FORWARD"]
+    kernel.tables["v4"].chains["NETFENCE-FORWARD"] = tuple(theirs.get(r, r) for r in fwd)
+    assert plan(None, desired, kernel=kernel).changed_chains["v4"] == ("NETFENCE-FORWARD",)
+
+    def spell(rules: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(theirs.get(r, r) for r in rules)
+
+    assert "v4" not in plan(None, desired, kernel=kernel, spell=spell).iptables_restore
+
+
+def test_delta_skips_chains_and_sets_that_are_the_same_objects() -> None:
+    desired = render(ingress_basic())
+    same = Ruleset(sets=dict(desired.sets), chains=dict(desired.chains))
+    assert plan(desired, same).empty

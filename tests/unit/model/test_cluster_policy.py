@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from model_worlds import NAMESPACE_NAMES, cluster_st, labels_st, namespace_body, pod_st, selector_st
 from test_equivalence import World, apply_changes, step
@@ -311,7 +311,7 @@ def cluster_step(data: st.DataObject, engine: ModelEngine, world: ClusterWorld) 
         step(data, engine, world)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=120, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate], suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_engine_with_cluster_policies_equals_full_compile(data: st.DataObject) -> None:
     engine = ModelEngine()
