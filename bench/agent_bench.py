@@ -25,7 +25,19 @@ latency at 1,000 policies (set-membership change, one-policy change); full
 resync at ~20,000 rules (restart the agent against the existing kernel state,
 spawn -> first report).
 
-    .venv/bin/python bench/agent_bench.py [--changes 50] [--restarts 2] [--poll 10]
+Before/after in the same run: every latency and resync figure is measured for
+the agent as it is ("incremental": re-renders only what a commit touches, full
+syncs write only what differs from the kernel) and for the same agent with the
+hidden ``--bench-full-render`` ("full": the whole model rendered and diffed on
+every commit, full syncs rewrite every chain and set, as before issue 11 part 6),
+in interleaved rounds so both see the same machine load; it prints both and the
+ratio, plus the agent's own CPU and its kernel tools' CPU per commit (from
+/proc/<pid>/stat: less sensitive to the load than latencies). ``--json FILE``
+writes the figures. Where the time goes inside the agent: attach a sampling
+profiler to it during a run, e.g. ``py-spy record -p <agent pid> -f raw``.
+
+    .venv/bin/python bench/agent_bench.py [--changes 60] [--rounds 3] [--restarts 3] [--no-growth]
+        [--no-compare] [--poll 10] [--json FILE]
 
 Everything it starts is stopped at the end (namespaces, processes, temp dir).
 """
@@ -492,6 +504,7 @@ async def main_async(args: argparse.Namespace) -> None:
         watch = ReportWatch(store)
         watch.start()
         bench = Bench(etcd, node.netns, workdir, prefix, store, watch)
+        await bench.commit(etcd_values(model_of(1000)))  # a commit exists before the first agent starts
         bench.start_agent()
 
         if args.growth:

@@ -29,7 +29,13 @@ is a new TCP connection, through = it connected, denied = no answer within
 * a new pod that NO policy selects: from its address being published to the
   first probe that gets through (it must be reachable once known).
 
-    .venv/bin/python bench/e2e_bench.py [--quick] [--json FILE] [--agent-arg=--flag=value ...]
+Modes (``--modes``, default both, in one run on one world): ``baseline`` runs the agents without
+``--pod-cidrs`` (as before the fix: a pod the model does not know yet is not filtered), then
+``pod-cidrs`` restarts them with each node's CIDR (a new pod is denied until it is known) and
+measures everything again. ``--json`` puts the last mode's figures at the top level and every
+mode's under ``modes``.
+
+    .venv/bin/python bench/e2e_bench.py [--quick] [--json FILE] [--modes pod-cidrs] [--agent-arg=--flag=value ...]
 
 Everything it starts is stopped at the end (the temp directory too, unless --keep).
 """
@@ -213,6 +219,13 @@ def figures_json(f: Figures) -> dict[str, Any]:
             "new_pod_not_reachable_before_rules": reach_after + reach_before == 0,
         },
     }
+
+
+def modes_json(modes: Mapping[str, Figures]) -> dict[str, Any]:
+    """The ``--json`` file: the last mode's figures at the top level (the product as it is meant to
+    run), every mode's under ``modes`` (before/after from one run)."""
+    last = list(modes)[-1]
+    return {**figures_json(modes[last]), "mode": last, "modes": {m: figures_json(f) for m, f in modes.items()}}
 
 
 def print_report(f: Figures) -> None:
@@ -421,10 +434,10 @@ class Bed:
                            self.args.probe_timeout, self.pool).start()
 
 
-async def policy_cycles(bed: Bed) -> None:
+async def policy_cycles(bed: Bed, first: int = 0) -> None:
     """Deny appearing, then allow appearing, per cycle; both policies deleted again after each."""
     for c in range((bed.args.creates + 1) // 2):
-        await policy_cycle(bed, c)
+        await policy_cycle(bed, first + c)
         log.info("cycle %d: enforced %.0f ms, deny %.0f ms, allow %.0f ms", c + 1, bed.figures.enforced[-1] * 1e3,
                  bed.figures.deny_seen[-1] * 1e3, bed.figures.allow_seen[-1] * 1e3)
 
@@ -538,7 +551,52 @@ async def world_enforced(env: Any, marks: Mapping[str, int], timeout: float) -> 
 
 
 
-async def run(args: argparse.Namespace, workdir: Path) -> Figures:
+#: agent flags per mode ({cidr}: the node's pod CIDR): the agents as before the fix, and with it
+MODES: dict[str, tuple[str, ...]] = {"baseline": (), "pod-cidrs": ("--pod-cidrs={cidr}",)}
+
+
+async def start_agents(env: Any, nodes: int, flags: Sequence[str], timeout: float) -> None:
+    """(Re)start every node's agent with ``flags`` and wait until each has reported a full sync
+    at the last commit (a report written after the restart)."""
+    from datetime import datetime as dt
+
+    for i in range(nodes):
+        old = env.agents.get(i)
+        if old is not None:
+            old.process.stop()
+    since = dt.now(UTC)
+    for i in range(nodes):
+        env.start_agent(i, extra=tuple(a.replace("{cidr}", node_cidr(i)) for a in flags))
+    deadline = time.monotonic() + timeout
+    store = await env._etcd_reader()
+    try:
+        commit = (await store.committed_snapshot()).commit_revision
+        while True:
+            reports = await store.read_reports()
+            lagging = [a.node for a in env.agents.values()
+                       if (r := reports.get(a.node)) is None or int(r.get("appliedRevision") or 0) < commit
+                       or dt.fromisoformat(str(r.get("time"))) < since]
+            if not lagging:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"agents of {lagging} have not synced revision {commit} after their start")
+            await asyncio.sleep(0.1)
+    finally:
+        await store.close()
+
+
+async def measure(bed: Bed, mode: int) -> None:
+    """One mode's measurements into ``bed.figures`` (names made unique per mode)."""
+    figures, args = bed.figures, bed.args
+    figures.load.append(f"measuring: {load_note()}")
+    await policy_cycles(bed, first=mode * 10_000)
+    figures.load.append(f"after policy creates: {load_note()}")
+    figures.new_denied = await new_pods(bed, args.new_pods, {"role": "new"}, False, f"new{mode}")
+    figures.new_free = await new_pods(bed, args.free_pods, {"role": "free"}, True, f"free{mode}")
+    figures.load.append(f"end: {load_note()}")
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Figures]:
     from kubernetes_asyncio import client
 
     from netfence_lab.cluster import LocalCluster
@@ -549,12 +607,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> Figures:
     from synthetic import Sizes
 
     sizes = Sizes(namespaces=args.namespaces, pods=args.pods, policies=args.policies, nodes=args.nodes)
-    figures = Figures(sizes={"nodes": args.nodes, "pods": args.pods, "namespaces": args.namespaces,
-                             "policies": args.policies, "creates": args.creates, "new_pods": args.new_pods,
-                             "free_pods": args.free_pods, "probe_interval_ms": round(args.probe_interval * 1e3),
-                             "probe_timeout_ms": round(args.probe_timeout * 1e3)},
-                      agent_args=list(args.agent_arg))
-    figures.load.append(f"start: {load_note()}")
+    size_note = {"nodes": args.nodes, "pods": args.pods, "namespaces": args.namespaces,
+                 "policies": args.policies, "creates": args.creates, "new_pods": args.new_pods,
+                 "free_pods": args.free_pods, "probe_interval_ms": round(args.probe_interval * 1e3),
+                 "probe_timeout_ms": round(args.probe_timeout * 1e3)}
+    setup: dict[str, float] = {}
+    out: dict[str, Figures] = {}
+    start_load = load_note()
     t0 = time.monotonic()
     with LocalCluster(workdir / "cluster", ensure_tools()) as cluster:
         env = NetfenceEnv(cluster, workdir / "env", nodes=0, pod_cidr=node_cidr,
@@ -568,38 +627,43 @@ async def run(args: argparse.Namespace, workdir: Path) -> Figures:
         try:
             for i in range(args.nodes):
                 await kubelet.add_node(i)
-                extra = [a.replace("{cidr}", node_cidr(i)) for a in args.agent_arg]
-                env.start_agent(i, extra=tuple(extra))
-            figures.setup["control plane and nodes"] = time.monotonic() - t0
+            await start_agents(env, args.nodes, [*MODES[args.modes[0]], *args.agent_arg], args.setup_timeout)
+            setup["control plane and nodes"] = time.monotonic() - t0
             t1 = time.monotonic()
             marks = await create_world(env.api, sizes, args.nodes, args.concurrency)
-            figures.setup["world created"] = time.monotonic() - t1
-            bed = Bed(env, status, Prober(), pool, args, figures=figures)
+            setup["world created"] = time.monotonic() - t1
+            servers: dict[int, Any] = {}
+            clients: dict[int, Any] = {}
             for ns in (PROBE_NS, NEW_NS):
                 await kubelet.ensure_namespace(ns, {"e2e": ns})
             await env.apply_manifest(deny_all("deny-new", NEW_NS, {"role": "new"}))
             for i in range(args.nodes):
-                for role, pods in (("srv", bed.servers), ("cli", bed.clients)):
+                for role, pods in (("srv", servers), ("cli", clients)):
                     labels = {"role": role, "pod": f"{role}-{i}"}
                     pods[i] = await kubelet.create_pod(PROBE_NS, f"{role}-{i}", labels, [(PROBE_PORT, "TCP")], i)
             t2 = time.monotonic()
             pod = await client.CoreV1Api(env.api).read_namespaced_pod(f"cli-{args.nodes - 1}", PROBE_NS)
             marks["pods"] = max(marks["pods"], int(pod.metadata.resource_version))
             await world_enforced(env, marks, args.setup_timeout)
-            figures.setup["world enforced after the last write"] = time.monotonic() - t2
+            setup["world enforced after the last write"] = time.monotonic() - t2
             status.start()
             await asyncio.wait_for(status.ready.wait(), 60)
-            figures.load.append(f"measuring: {load_note()}")
-            await policy_cycles(bed)
-            figures.load.append(f"after policy creates: {load_note()}")
-            figures.new_denied = await new_pods(bed, args.new_pods, {"role": "new"}, False, "new")
-            figures.new_free = await new_pods(bed, args.free_pods, {"role": "free"}, True, "free")
-            figures.load.append(f"end: {load_note()}")
+            for m, mode in enumerate(args.modes):
+                flags = [*MODES[mode], *args.agent_arg]
+                figures = Figures(sizes=size_note, setup=dict(setup), agent_args=flags, load=[f"start: {start_load}"])
+                if m > 0:
+                    t3 = time.monotonic()
+                    await start_agents(env, args.nodes, flags, args.setup_timeout)
+                    figures.setup = {"agents restarted and synced": time.monotonic() - t3}
+                log.info("mode %s: agent flags %s", mode, " ".join(flags) or "(none)")
+                bed = Bed(env, status, Prober(), pool, args, servers, clients, figures)
+                await measure(bed, m)
+                out[mode] = figures
         finally:
             await status.stop()
             pool.shutdown(wait=False, cancel_futures=True)
             await env.close()
-    return figures
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -619,6 +683,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-arg", action="append", default=[],
                    help="extra agent flag (repeatable); {cidr} becomes the node's pod CIDR")
     p.add_argument("--controller-arg", action="append", default=[], help="extra controller flag (repeatable)")
+    p.add_argument("--modes", type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
+                   default=list(MODES), help=f"comma-separated, in order, of {', '.join(MODES)} (default: all): "
+                   "the agents before the fix and with --pod-cidrs; the first mode's agents build the world")
     p.add_argument("--quick", action="store_true", help="a smoke size: 3 nodes, 300 pods, 50 policies, few samples")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
@@ -633,19 +700,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     for noisy in ("kubernetes_asyncio", "aiohttp", "netfence_lab"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     workdir = Path(tempfile.mkdtemp(prefix="netfence-e2e-bench-"))
     print(f"e2e bench {datetime.now(UTC).isoformat(timespec='seconds')}: {load_note()}; workdir {workdir}")
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes:
+        raise SystemExit(f"e2e_bench: unknown modes {unknown}; known: {', '.join(MODES)}")
     try:
-        figures = asyncio.run(run(args, workdir))
+        modes = asyncio.run(run(args, workdir))
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    print_report(figures)
+    for mode, figures in modes.items():
+        print(f"\n=== mode {mode} ===")
+        print_report(figures)
     if args.json:
-        args.json.write_text(json.dumps(figures_json(figures), indent=2) + "\n")
+        args.json.write_text(json.dumps(modes_json(modes), indent=2) + "\n")
         print(f"JSON written to {args.json}")
 
 

@@ -83,10 +83,16 @@ SHARED_SCENARIOS = Path(__file__).resolve().parents[2] / "shared" / "conformance
 RATE_PORT = 9001
 HTTP_PORT = 80
 BASE_POLICIES = 2  # allow-client, client-egress
+RESYNC_SECONDS = 60.0  # the agent's default --resync-seconds (and the chart's resyncSeconds)
 TEAMS = 10
 APPS = 20
 GOAL_CONN_RATE = 3.0  # Netfence's new-connection rate >= 3x the peer's
 GOAL_ENFORCE_P99 = 2.0  # Netfence's policy-change-to-enforced p99 <= 2x the peer's
+#: What the peer's own nftables table holds per node (v0.8.0 ``syncNFTablesRules``, without the
+#: DNS workaround): one postrouting chain of 7 rules and 2 sets of the node's local pods that some
+#: policy selects. On a kernel without CONFIG_NFT_QUEUE that table is refused and the shim's
+#: xtables rules are counted instead.
+PEER_OWN_TABLE = "1 chain, 7 rules, 2 sets (one element per selected local pod)"
 
 Body = dict[str, Any]
 
@@ -665,7 +671,9 @@ async def main_async(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> d
                 out(f"  {enforcer}: {line}")
                 if ", 0 failed" not in line:
                     raise RuntimeError(f"{enforcer} fails the shared conformance scenarios ({line}); no timing")
-        env = NetfenceEnv(cluster, workdir / "bed", nodes=2)
+        # The agents' drift check at its production default (the test bed's 5 s would put a
+        # full resync of the node into many of the timed changes).
+        env = NetfenceEnv(cluster, workdir / "bed", nodes=2, resync_seconds=RESYNC_SECONDS)
         await env.start()
         fabric, kubelet = env.fabric, env.kubelet
         assert fabric is not None and kubelet is not None
@@ -720,6 +728,10 @@ async def main_async(args: argparse.Namespace, sizes: Sizes, workdir: Path) -> d
 
             figures[PEER] = await measure_system(bed, PEER, running.pids, peer_settle,
                                                  extra_cpu=lambda: running.cpu()[1])
+            meta["peer"]["nft_table_refusals"] = {
+                p.node: p.process.log_path.read_text(errors="replace").count('"syncing nftables rules" error')
+                for p in running.procs.values()
+            }
             peers.stop()
             peers = None
             for i in range(env.nodes):
@@ -786,6 +798,10 @@ def main() -> None:
     out(f"Netfence vs kube-network-policies v0.8.0 (queue hook: {result['peer'].get('queue_hook')}), "
         f"{result['machine']['cpus']} CPUs, load {result['load']['start'][0]} -> {result['load']['end'][0]}")
     out(format_table(rows))
+    if result["peer"].get("queue_hook") == "xt":
+        out(f"kube-network-policies' own table was refused by this kernel (no CONFIG_NFT_QUEUE; "
+            f"{result['peer'].get('nft_table_refusals')} refusals in its logs); counted: the xtables queue hook. "
+            f"Its own table would hold {PEER_OWN_TABLE}.")
     out(f"conn_rate_ratio {result['conn_rate_ratio']} (goal >= {GOAL_CONN_RATE}); "
         f"enforce_p99_ratio {result['enforce_p99_ratio']} (goal <= {GOAL_ENFORCE_P99})")
     out(f"no enforcer: {result['systems'][NONE]['conn_rate']:,.0f} connections/s, "

@@ -415,9 +415,11 @@ class Fleet:
 
     async def wait_synced(self, revision: int) -> None:
         """Until every agent here enforces ``revision`` (applied, or seen not to touch its node)."""
-        while min((a.health.synced_revision for a in self.agents), default=revision) < revision:
+        behind = [a for a in self.agents if a.health.synced_revision < revision]
+        while behind:
             self.synced_news.clear()
             await self.synced_news.wait()
+            behind = [a for a in behind if a.health.synced_revision < revision]
 
     def totals(self) -> dict[str, Any]:
         return {"events": [c.events for c in self.counters], "reports": sum(c.reports for c in self.counters)}

@@ -100,4 +100,9 @@ for spec in "${tools[@]}"; do
   fi
   ln -sfn "$dest/$name" "$cache/bin/$name"
 done
+# Not a binary: the ClusterNetworkPolicy CRD of the pinned network-policy-api module, which
+# the test bed installs ($cache/crds/clusternetworkpolicies.yaml).
+if [[ $group == default ]] && ((${#only[@]} == 0)); then
+  "$here/fetch-cnp-crd.sh" >/dev/null
+fi
 echo "$cache/bin"

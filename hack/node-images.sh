@@ -57,7 +57,7 @@ stamp_ok() { [[ -f "$out/$1.oci.tar" && -f "$out/$1.stamp" && "$(cat "$out/$1.st
 save() {  # save IMAGE FILE STAMP
   rm -f "$out/$2.oci.tar"
   # uncompressed: a third of the time of gzip (the archives only go to the local containerd)
-  podman save --format oci-archive --uncompressed -o "$out/$2.oci.tar" "$1" >/dev/null
+  podman save --quiet --format oci-archive --uncompressed -o "$out/$2.oci.tar" "$1" >/dev/null
   echo "$3" >"$out/$2.stamp"
   echo "netfence: image $1 -> $out/$2.oci.tar" >&2
 }

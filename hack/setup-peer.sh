@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Set up what bench/peer_bench.py needs on top of hack/setup.sh: Debian's
-# `nftables` (the `nft` command: the bench counts the peer's kernel objects
-# with it and checks the kernel here), a check that this kernel can queue
-# packets to user space from an nftables rule (nfnetlink_queue) inside a network
-# namespace, and kube-network-policies built from its pinned Go module into
-# ~/.cache/netfence (hack/build-tools.sh --peer). Never part of `make setup`.
-# Idempotent; prints the tools' bin folder.
+# Set up what bench/peer_bench.py and `netfence conformance run --enforcer
+# kube-network-policies` need on top of hack/setup.sh: Debian's `nftables` (the
+# `nft` command: the bench counts kernel objects with it and checks this
+# kernel), a check that this kernel can queue packets to user space from a
+# netfilter rule inside a network namespace, and kube-network-policies built
+# from its pinned Go module into ~/.cache/netfence (build-tools.sh --peer).
+# Never part of `make setup`. Idempotent; prints the tools' bin folder.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 die() { echo "netfence: $*" >&2; exit 1; }
-[[ $(id -u) -eq 0 ]] || die "peer setup needs root (it installs Debian packages and programs nftables in network namespaces); run it as root"
+[[ $(id -u) -eq 0 ]] || die "peer setup needs root (it installs Debian packages and programs netfilter in network namespaces); run it as root"
 
 hack/setup.sh
 
@@ -26,12 +26,15 @@ if ! command -v nft >/dev/null 2>&1; then
   fi
 fi
 
-# The kernel must let an nftables rule queue packets to user space inside a
-# network namespace (what kube-network-policies installs on every node).
+# kube-network-policies queues the first packet of new connections to user
+# space: with nftables' queue expression (CONFIG_NFT_QUEUE: its own table), or,
+# where the kernel lacks it, with iptables' NFQUEUE target
+# (CONFIG_NETFILTER_XT_TARGET_NFQUEUE), which netfence_lab.peer installs in its
+# place. Both need nfnetlink_queue. Checked in a throwaway namespace.
 probe="nfpeer-check-$$"
 ip netns add "$probe" || die "cannot create a network namespace (ip netns add)"
 trap 'ip netns del "$probe" 2>/dev/null || true' EXIT
-if ! out=$(ip netns exec "$probe" nft -f - 2>&1 <<'NFT'
+if out=$(ip netns exec "$probe" nft -f - 2>&1 <<'NFT'
 table inet netfence-peer-check {
   chain postrouting {
     type filter hook postrouting priority srcnat - 5; policy accept;
@@ -40,7 +43,12 @@ table inet netfence-peer-check {
 }
 NFT
 ); then
-  die "this kernel cannot queue packets from an nftables rule in a network namespace ($out); kube-network-policies needs nf_tables and nfnetlink_queue (CONFIG_NFT_QUEUE, CONFIG_NETFILTER_NETLINK_QUEUE): load them (modprobe nft_queue nfnetlink_queue) or use a kernel that has them"
+  echo "netfence: this kernel takes nftables queue rules: kube-network-policies programs its own table" >&2
+elif xt=$(ip netns exec "$probe" iptables -t mangle -A POSTROUTING -m conntrack --ctstate NEW \
+            -j NFQUEUE --queue-num 100 2>&1); then
+  echo "netfence: this kernel has no nftables queue expression (CONFIG_NFT_QUEUE; nft: $(echo "$out" | head -1)); the peer's hook is installed with iptables' NFQUEUE target instead" >&2
+else
+  die "this kernel cannot queue packets to user space from a netfilter rule in a network namespace (nft: $(echo "$out" | head -1); iptables: $xt); kube-network-policies needs CONFIG_NFT_QUEUE (or CONFIG_NETFILTER_XT_TARGET_NFQUEUE) and CONFIG_NETFILTER_NETLINK_QUEUE"
 fi
 ip netns del "$probe"; trap - EXIT
 

@@ -47,7 +47,7 @@ import yaml
 from netfence_lab.apiserver import KubeApiServer
 from netfence_lab.etcd_server import EtcdServer
 from netfence_lab.process import ManagedProcess, StartupError, port_in_use
-from netfence_lab.tools import Tools
+from netfence_lab.tools import Tools, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,13 @@ class KubectlError(subprocess.CalledProcessError):
 def packaged_crd_dir() -> Path:
     """The CRDs shipped as package data (``netfence/crds/*.yaml``)."""
     return Path(str(importlib.resources.files("netfence") / "crds"))
+
+
+def cluster_network_policy_crd() -> Path | None:
+    """The ClusterNetworkPolicy CRD of the pinned network-policy-api module, as hack/build-tools.sh
+    (hack/fetch-cnp-crd.sh) put it in the tool cache; None when it was never fetched."""
+    path = cache_dir() / "crds" / "clusternetworkpolicies.yaml"
+    return path if path.is_file() else None
 
 
 def crd_names(crd_dir: Path) -> list[tuple[str, str]]:
@@ -425,6 +432,11 @@ class LocalCluster:
         """kubectl apply the CRDs, wait until Established and until kubectl resolves their short names."""
         if not any(self.crd_dir.glob("*.yaml")):
             return
+        cnp_crd = cluster_network_policy_crd() if self.crd_dir == packaged_crd_dir() else None
+        if cnp_crd is not None:  # the test bed serves ClusterNetworkPolicy too (issue 16)
+            self.kubectl("apply", "-f", str(cnp_crd))
+            self.kubectl("wait", "--for=condition=Established", f"--timeout={timeout:.0f}s", "-f", str(cnp_crd),
+                         timeout=timeout + 10)
         self.kubectl("apply", "-f", str(self.crd_dir))
         self.kubectl(
             "wait", "--for=condition=Established", f"--timeout={timeout:.0f}s", "-f", str(self.crd_dir),

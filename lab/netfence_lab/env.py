@@ -34,6 +34,9 @@ from typing import TYPE_CHECKING, Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from netfence.model.cluster_policy import API_GROUP as CNP_GROUP
+from netfence.model.cluster_policy import API_VERSIONS as CNP_VERSIONS
+from netfence.model.cluster_policy import PLURAL as CNP_PLURAL
 from netfence_lab.cluster import LocalCluster
 from netfence_lab.etcd_server import EtcdServer
 from netfence_lab.fabric import Fabric, node_pod_cidr6
@@ -308,6 +311,7 @@ class NetfenceEnv:
         custom = client.CustomObjectsApi(self.api)
         while True:
             policies = (await net.list_network_policy_for_all_namespaces()).items
+            cluster_policies = await _list_cluster_policies(custom)
             statuses = {
                 s["metadata"]["name"]: s
                 for s in (await custom.list_cluster_custom_object("netfence.dev", "v1alpha1", "clusterpolicystatuses"))[
@@ -326,6 +330,16 @@ class NetfenceEnv:
                 )
                 if status.get("phase") != "Enforced" or not current:
                     pending.append(f"{name}={status.get('phase', 'missing')}")
+            for cnp in cluster_policies:  # ClusterNetworkPolicy: status object cnp.<name>
+                name = f"cnp.{cnp['metadata']['name']}"
+                obj = statuses.get(name, {})
+                status = obj.get("status") or {}
+                current = (
+                    status.get("policyGeneration") == cnp["metadata"].get("generation")
+                    and status.get("observedGeneration") == obj.get("metadata", {}).get("generation")
+                )
+                if status.get("phase") != "Enforced" or not current:
+                    pending.append(f"{name}={status.get('phase', 'missing')}")
             if not pending:
                 return
             if time.monotonic() > deadline:
@@ -335,8 +349,10 @@ class NetfenceEnv:
     # --- API helpers that return the resource version of the write ------------------
 
     async def apply_manifest(self, manifest: dict[str, Any]) -> tuple[str, int]:
-        """Create or replace a NetworkPolicy; returns (kind marker, resourceVersion)."""
+        """Create or replace a NetworkPolicy or ClusterNetworkPolicy; returns (kind marker, resourceVersion)."""
         assert self.api is not None
+        if manifest.get("kind") == "ClusterNetworkPolicy":
+            return await self._apply_cluster_policy(manifest)
         if manifest.get("kind") != "NetworkPolicy":
             raise ValueError(f"only NetworkPolicy manifests can be applied, got {manifest.get('kind')!r}")
         net = client.NetworkingV1Api(self.api)
@@ -352,6 +368,34 @@ class NetfenceEnv:
                 raise
             result = await net.create_namespaced_network_policy(ns, manifest)
         return "networkpolicies", int(result.metadata.resource_version)
+
+    async def _apply_cluster_policy(self, manifest: dict[str, Any]) -> tuple[str, int]:
+        custom = client.CustomObjectsApi(self.api)
+        group, _, version = str(manifest.get("apiVersion", "")).partition("/")
+        if group != CNP_GROUP or not version:
+            raise ValueError(
+                f"a ClusterNetworkPolicy has apiVersion {CNP_GROUP}/<version>, got {manifest.get('apiVersion')!r}"
+            )
+        name = manifest["metadata"]["name"]
+        try:
+            current = await custom.get_cluster_custom_object(group, version, CNP_PLURAL, name)
+            body = dict(manifest)
+            body["metadata"] = {**manifest["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}
+            result = await custom.replace_cluster_custom_object(group, version, CNP_PLURAL, name, body)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            result = await custom.create_cluster_custom_object(group, version, CNP_PLURAL, manifest)
+        return "clusternetworkpolicies", int(result["metadata"]["resourceVersion"])
+
+    async def delete_cluster_policy(self, name: str) -> tuple[str, int]:
+        assert self.api is not None
+        await client.CustomObjectsApi(self.api).delete_cluster_custom_object(
+            CNP_GROUP, CNP_VERSIONS[0], CNP_PLURAL, name
+        )
+        key = f"cpolicies/{name}"
+        self._gone.append(lambda values: key not in values)
+        return "clusternetworkpolicies", 0
 
     async def delete_policy(self, namespace: str, name: str) -> tuple[str, int]:
         assert self.api is not None
@@ -406,12 +450,29 @@ class NetfenceEnv:
         for policy in (await net.list_network_policy_for_all_namespaces()).items:
             with contextlib.suppress(ApiException):
                 await net.delete_namespaced_network_policy(policy.metadata.name, policy.metadata.namespace)
+        custom = client.CustomObjectsApi(self.api)
+        for cnp in await _list_cluster_policies(custom):
+            with contextlib.suppress(ApiException):
+                await custom.delete_cluster_custom_object(
+                    CNP_GROUP, CNP_VERSIONS[0], CNP_PLURAL, cnp["metadata"]["name"]
+                )
         for handle in list(self.kubelet.pods.values()):
             await self.kubelet.delete_pod(handle.namespace, handle.name)
         for ns in (await core.list_namespace()).items:
             if ns.metadata.name in SYSTEM_NAMESPACES:
                 continue
             await finalize_namespace(core, ns.metadata.name)
+
+
+async def _list_cluster_policies(custom: client.CustomObjectsApi) -> list[dict[str, Any]]:
+    """Every ClusterNetworkPolicy; none when the CRD is not installed."""
+    try:
+        listing = await custom.list_cluster_custom_object(CNP_GROUP, CNP_VERSIONS[0], CNP_PLURAL)
+    except ApiException as exc:
+        if exc.status == 404:
+            return []
+        raise
+    return list(listing.get("items", []))
 
 
 def _refers_to_pod(values: Mapping[str, bytes], namespace: str, name: str, ip: str) -> bool:

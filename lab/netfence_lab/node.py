@@ -426,10 +426,13 @@ def default_dir() -> Path:
 class LocalNode:
     """The control plane (LocalCluster in node mode) + one real node; see the module docstring."""
 
-    def __init__(self, workdir: Path, tools: Tools, node_tools: NodeTools):
+    def __init__(self, workdir: Path, tools: Tools, node_tools: NodeTools, images: Iterable[str] | None = None):
+        """``images``: the archives to import (``<name>.oci.tar`` of hack/node-images.sh, e.g.
+        ``netfence-agent-0.1.0``); None: every archive there."""
         self.workdir = workdir.resolve()
         self.tools = tools
         self.node_tools = node_tools
+        self.images = None if images is None else frozenset(images)
         self.state = NodeState(workdir=str(self.workdir))
         # No CRDs applied by the test bed: the Helm chart installs (and owns) them.
         (self.workdir / "no-crds").mkdir(parents=True, exist_ok=True)
@@ -585,9 +588,17 @@ class LocalNode:
         )
 
     def import_images(self, directory: Path) -> list[str]:
-        """``ctr images import`` every ``*.oci.tar`` of ``directory`` (hack/node-images.sh writes them)."""
+        """``ctr images import`` the ``*.oci.tar`` of ``directory`` (hack/node-images.sh writes them):
+        the ones named in ``self.images``, or all."""
         done = []
-        for archive in sorted(directory.glob("*.oci.tar")):
+        archives = sorted(directory.glob("*.oci.tar"))
+        if self.images is not None:
+            missing = self.images - {a.name.removesuffix(".oci.tar") for a in archives}
+            if missing:
+                raise NodeError(f"no image archive {', '.join(sorted(missing))} in {directory}: "
+                                "run hack/node-images.sh with those tags")
+            archives = [a for a in archives if a.name.removesuffix(".oci.tar") in self.images]
+        for archive in archives:
             res = self.ctr("images", "import", "--all-platforms", str(archive))
             if res.returncode != 0:
                 raise NodeError(f"ctr images import {archive} failed: {res.stderr.strip()}")

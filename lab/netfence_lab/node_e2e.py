@@ -521,7 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     versions = [version or base_version for _, _, version in specs]
     report = Report()
     down(workdir)
-    node = LocalNode(workdir, ensure_tools(), ensure_node_tools())
+    # only the images this run uses (importing one takes seconds to tens of seconds)
+    images = ["etcd", "pause", "coredns", *(f"netfence-{target}-{tag}" for tag in tags
+                                           for target in ("controller", "agent"))]
+    node = LocalNode(workdir, ensure_tools(), ensure_node_tools(), images)
     start = time.monotonic()
     # SIGTERM/SIGHUP (a CI job's timeout, the pytest wrapper giving up) still take the node down
     restore_signals = raise_on_signals()

@@ -66,9 +66,10 @@ def describe(lines: list[str], result: ScenarioResult) -> str:
     "path", SCENARIO_FILES, ids=lambda p: f"{'own' if p.is_relative_to(OWN) else 'shared'}/{p.stem}"
 )
 async def test_scenario(path: Path, cluster: LocalCluster, tmp_path: Path) -> None:
+    """Dual-stack: every cell must hold over IPv4 and over IPv6 (``--ip-family dual``)."""
     scenario = load_scenario(path)
     lines: list[str] = []
-    [result] = await run_scenarios([scenario], cluster, tmp_path, out=lines.append)
+    [result] = await run_scenarios([scenario], cluster, tmp_path, out=lines.append, ip_family="dual")
     output = describe(lines, result)
     expected = "skipped" if sctp_only(scenario) and not HAS_SCTP else "passed"
     assert result.status == expected, f"{path}: {result.status} ({result.error})\n{output}"
@@ -76,7 +77,8 @@ async def test_scenario(path: Path, cluster: LocalCluster, tmp_path: Path) -> No
     for step, step_result in zip(scenario.steps, result.steps, strict=True):
         assert step_result.enforce_seconds is not None, output
         assert [(e.port, e.protocol) for e in step.expect] == [(e.port, e.protocol) for e in step_result.expects]
-        for expect in step_result.expects:
+        for table, expect in zip(step.expect, step_result.expects, strict=True):
+            assert expect.families == ((table.family,) if table.family else ("ipv4", "ipv6")), output
             # SCTP without kernel support is reported as skipped, never as passed.
             want = "skipped" if expect.protocol == "SCTP" and not HAS_SCTP else "passed"
             assert expect.status == want, f"step {step_result.index} {expect.port}/{expect.protocol}\n{output}"
@@ -205,6 +207,59 @@ def test_json_report_shape(mixed_run: tuple[list[ScenarioResult], str], tmp_path
                           "wrong": [], "families": ["ipv4"]}
     enforce = sorted(s["enforceSeconds"] for r in report["scenarios"] for s in r["steps"])
     assert report["enforceSeconds"] == {"p50": enforce[len(enforce) // 2], "max": enforce[-1]}
+
+
+V4_ONLY_ALLOW = """\
+name: v4-only-allow
+description: web admits client by its IPv4 address only; the table claims the cell open, so it fails over IPv6.
+nodes: 2
+namespaces:
+  - name: fam
+pods:
+  - {namespace: fam, name: web, labels: {app: web}, ports: ["80/TCP"]}
+  - {namespace: fam, name: client, labels: {app: client}, ports: ["80/TCP"]}
+steps:
+  - actions:
+      - apply:
+          apiVersion: networking.k8s.io/v1
+          kind: NetworkPolicy
+          metadata: {namespace: fam, name: web-from-client-v4}
+          spec:
+            podSelector: {matchLabels: {app: web}}
+            ingress:
+              - from:
+                  - ipBlock: {cidr: "${cidr4:fam/client/32}"}
+    expect:
+      - port: 80
+        table: |
+          -          fam/web fam/client
+          fam/web    .       .
+          fam/client .       .
+"""
+
+
+async def test_dual_reports_the_family_that_fails(cluster: LocalCluster, tmp_path: Path) -> None:
+    """A cell open over IPv4 and closed over IPv6 fails under ``dual`` and says so; it passes under ipv4."""
+    path = tmp_path / "v4-only-allow.yaml"
+    path.write_text(V4_ONLY_ALLOW)
+    scenario = load_scenario(path)
+    lines: list[str] = []
+    ipv4, dual = [
+        (await run_scenarios([scenario], cluster, tmp_path / mode, out=lines.append, ip_family=mode))[0]
+        for mode in ("ipv4", "dual")
+    ]
+    output = "\n".join(lines)
+    assert ipv4.status == "passed", output
+    assert dual.status == "failed", output
+    [expect] = dual.steps[0].expects
+    cell = ("fam/client", "fam/web")
+    assert expect.wrong == [cell] and expect.wrong_by_family == {"ipv4": [], "ipv6": [cell]}
+    assert expect.observed_by_family["ipv4"][cell] is True and expect.observed_by_family["ipv6"][cell] is False
+    assert "80/TCP over ipv6: 1 wrong cells" in output
+    assert "observed over ipv6:" in output and "observed over ipv4:" not in output
+    assert "fam/client -> fam/web over ipv6: expected allowed, observed the opposite" in output
+    assert dual.steps[0].dump is not None
+    assert "ip6tables-save" in describe(lines, dual)  # the dump holds both families' rules
 
 
 # --- the real command ---------------------------------------------------------------

@@ -419,6 +419,48 @@ async def test_agent_rolling_restart_keeps_enforcing(env: NetfenceEnv) -> None:
         await store.close()
 
 
+async def test_agents_before_and_after_issue_11_side_by_side(env: NetfenceEnv) -> None:
+    """A rolling upgrade of the agents (issue 11): node 1 runs an agent from before (whole prefix
+    watched, every commit reported: ``--watch-scope prefix``), node 0 a current one. A commit that
+    touches only node 1 is reported by node 1 alone and the policy's status is Enforced without a
+    report from node 0; a commit that touches no node is reported by the old agent only. The
+    barrier and the statuses hold throughout."""
+    world = await upgrade_world(env)
+    node0, node1 = env.agents[0].node, env.agents[1].node
+    env.agents[1].process.stop()
+    env.start_agent(1, ("--watch-scope=prefix",))
+    env.start_controller("c0")
+    await env.wait_enforced(world.marks, timeout=90)
+    store = await open_store(env.cluster.netfence_etcd.endpoint, env.prefix)
+    try:
+        async def written(node: str) -> int:
+            current = await store.get(L.Layout.node_status(node))
+            assert current is not None
+            return current.mod_revision
+
+        async def applied(node: str) -> int:
+            current = await store.get(L.Layout.node_status(node))
+            assert current is not None
+            return int(json.loads(current.value)["appliedRevision"])
+
+        before0 = await written(node0)
+        # spare (node 1) becomes a web pod: a new endpoint of the policy on node 1, no set changes
+        world.mark(await env.label("Pod", "spare", WEB, namespace=world.ns))
+        touched = await committed_through(store, world.marks)
+        await env.wait_enforced(timeout=60)  # statuses Enforced: node 0 is synced without reporting
+        assert await applied(node1) >= touched
+        assert await written(node0) == before0, "node 0's agent rewrote its report for a commit elsewhere"
+        # a label no selector reads: a commit of controller bookkeeping only
+        world.mark(await env.label("Pod", "spare", {"unrelated": "yes"}, namespace=world.ns))
+        bookkeeping = await committed_through(store, world.marks)
+        await env.wait_enforced(timeout=60)
+        assert await applied(node1) >= bookkeeping
+        assert await written(node0) == before0
+        await probes_hold(world)
+    finally:
+        await store.close()
+
+
 async def test_old_agent_reads_values_with_unknown_fields(env: NetfenceEnv) -> None:
     """A newer controller adds fields (same schema); agents of this version ignore them and enforce."""
     world = await upgrade_world(env)

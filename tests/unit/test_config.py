@@ -57,6 +57,15 @@ def test_agent_watch_scope_for_benchmarks_and_upgrade_tests() -> None:
     assert load_agent_config(["--node=n1"], env={"NETFENCE_WATCH_SCOPE": "prefix"}).watch_scope == "prefix"
 
 
+def test_agent_pod_cidrs() -> None:
+    assert load_agent_config(["--node=n1"], env={}).pod_cidrs == ()
+    config = load_agent_config(["--node=n1", "--pod-cidrs=10.244.0.0/24, fd00::/64"], env={})
+    assert config.pod_cidrs == ("10.244.0.0/24", "fd00::/64")
+    assert load_agent_config(["--node=n1"], env={"NETFENCE_POD_CIDRS": "10.1.0.0/16"}).pod_cidrs == ("10.1.0.0/16",)
+    with pytest.raises(ConfigError, match="pod CIDR '10.244.0.1/24'"):  # host bits set: one clear line
+        load_agent_config(["--node=n1", "--pod-cidrs=10.244.0.1/24"], env={})
+
+
 def test_controller_flags_as_the_test_bed_and_chart_pass_them(tls: dict[str, Path]) -> None:
     config = load_controller_config([
         "--kubeconfig=/k/config", "--identity=controller-0", "--lease-ttl=3", "--health-port=18080",

@@ -91,7 +91,7 @@ def test_printer_columns_point_at_schema_fields() -> None:
     schema = version["schema"]["openAPIV3Schema"]
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
     assert [c["name"] for c in version["additionalPrinterColumns"] if "priority" not in c] == [
-        "Policy", "Phase", "Synced", "Endpoints", "Age",
+        "Kind", "Policy", "Phase", "Synced", "Endpoints", "Age",
     ]
     assert columns["Age"] == {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
     for name, column in columns.items():
@@ -110,7 +110,7 @@ def test_printer_columns_point_at_schema_fields() -> None:
 def test_status_schema() -> None:
     schema = load()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     spec = schema["properties"]["spec"]
-    assert set(spec["properties"]) == {"policy", "policyRef", "generation"}
+    assert set(spec["properties"]) == {"kind", "policy", "policyRef", "generation"}
     assert set(spec["properties"]["policy"]["properties"]) == {"namespace", "name", "uid"}
     status = schema["properties"]["status"]["properties"]
     assert status["phase"]["enum"] == ["Pending", "Enforced", "Degraded"]

@@ -292,6 +292,9 @@ class ScenarioRun:
                 manifest = expand(body, self.addresses(), self.ip_family)
                 self._mark(marks, await self.env.apply_manifest(manifest))
             elif action.kind == "delete":
+                if body["kind"] == "ClusterNetworkPolicy":
+                    self._mark(marks, await self.env.delete_cluster_policy(body["name"]))
+                    continue
                 if body["kind"] != "NetworkPolicy":
                     raise ScenarioError(f"{self.scenario.path}: delete of {body['kind']} is not supported")
                 self._mark(marks, await self.env.delete_policy(body.get("namespace", "default"), body["name"]))

@@ -154,10 +154,13 @@ def absorb(state: NodeView, group: Sequence[CommitBatch], revision: int, *, ever
     return Outcome(action, revision)
 
 
+CLUSTER_POLICIES = "cpolicies/"  # ClusterNetworkPolicies (NodeState.wants reads them)
+
+
 def node_ranges(node: str, max_schema: int) -> list[KeyRange]:
     """The key ranges an agent of ``node`` watches (besides ``commit`` and ``pending``): what
     ``NodeState.wants`` reads, and nothing else."""
-    ranges = [KeyRange(L.POLICIES), KeyRange(L.SETS), KeyRange(L.Layout.endpoints_of(node))]
+    ranges = [KeyRange(L.POLICIES), KeyRange(CLUSTER_POLICIES), KeyRange(L.SETS), KeyRange(L.Layout.endpoints_of(node))]
     if max_schema >= 2:
         ranges += [KeyRange(L.SETS_V2), KeyRange(L.META_SCHEMA, prefix=False)]
     return ranges

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from netfence.dataplane.pins import PinKey
 from netfence.model.enforcement import (
+    CompiledClusterPolicy,
     CompiledPolicy,
     Endpoint,
     ModelDecodeError,
@@ -35,6 +36,7 @@ class NodeState:
         self.node = node
         self._init_layout(max_schema)
         self.policies: dict[str, CompiledPolicy] = {}
+        self.cluster_policies: dict[str, CompiledClusterPolicy] = {}
         self.sets: dict[str, PeerSet] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self.decode_errors: dict[str, str] = {}
@@ -43,7 +45,7 @@ class NodeState:
     def wants(self, key: str) -> bool:
         if self.max_schema >= 2 and (key == META_SCHEMA or key.startswith("sets2/")):
             return True
-        return key.startswith(("policies/", "sets/", f"endpoints/{self.node}/"))
+        return key.startswith(("policies/", "cpolicies/", "sets/", f"endpoints/{self.node}/"))
 
     def reset(
         self,
@@ -79,6 +81,7 @@ class NodeState:
     def _keys(self) -> list[str]:
         return (
             [f"policies/{k}" for k in self.policies]
+            + [f"cpolicies/{k}" for k in self.cluster_policies]
             + [f"sets/{k}" for k in self.sets]
             + [f"endpoints/{self.node}/{k}" for k in self.endpoints]
             + self._layout_keys()
@@ -101,6 +104,8 @@ class NodeState:
             self._drop_layout(key)
         elif kind == "policies":
             self.policies.pop(rest, None)
+        elif kind == "cpolicies":
+            self.cluster_policies.pop(rest, None)
         elif kind == "sets":
             self.sets.pop(rest, None)
         else:
@@ -114,6 +119,8 @@ class NodeState:
                 self._decode_layout(key, data)
             elif kind == "policies":
                 self.policies[rest] = CompiledPolicy.from_json(data)
+            elif kind == "cpolicies":
+                self.cluster_policies[rest] = CompiledClusterPolicy.from_json(data)
             elif kind == "sets":
                 self.sets[rest] = PeerSet.from_json(data)
             else:
@@ -171,6 +178,7 @@ class NodeState:
             endpoints=dict(self.endpoints),
             policies=dict(self.policies),
             sets=chunked if self.layout >= 2 else dict(self.sets),
+            cluster_policies=dict(self.cluster_policies),
         )
 
     # --- etcd layout schemas (store/migration.py) ------------------------------

@@ -16,9 +16,10 @@ from typing import Any
 import kopf
 
 from netfence.config import ControllerConfig
-from netfence.controller.kube import CPS_GROUP, CPS_PLURAL, CPS_VERSION
+from netfence.controller.kube import CNP_GROUP, CNP_PLURAL, CPS_GROUP, CPS_PLURAL, CPS_VERSION
 from netfence.controller.metrics import ControllerMetrics
 from netfence.controller.runtime import ControllerRuntime
+from netfence.controller.world import CLUSTER_POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,33 @@ def build_registry(config: ControllerConfig, metrics: ControllerMetrics | None =
         if warnings and runtime.warnings_posted.get((ns, name)) != warnings:
             kopf.warn(body, reason="NetfencePolicyWarning", message="; ".join(warnings)[:1000])
         runtime.warnings_posted[(ns, name)] = warnings
+
+    # ClusterNetworkPolicy (optional CRD, served version preferred by the API server). Without
+    # the CRD, Kopf logs once that the resource is unresolved and never calls this handler; the
+    # runtime's own listings of the kind find nothing (controller/kube.py). Scanning is disabled,
+    # so a CRD installed later is watched after a controller restart.
+    @kopf.on.event(CNP_GROUP, CNP_PLURAL, registry=registry)
+    async def cluster_policy_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+        runtime = _runtime(memo)
+        _feed(memo, CLUSTER_POLICIES, type, body)
+        key = ("", body["metadata"]["name"])
+        if type == "DELETED":
+            if key not in runtime.world.policies:
+                runtime.policies_removed([key])
+            return
+        if key not in runtime.world.policies:
+            return
+        runtime.status.mark({key})
+        if not runtime.election.is_leader:
+            return
+        view = runtime.engine.policy_view(*key)
+        warnings = tuple(view.warnings) if view else ()
+        error = runtime.world.policy_errors.get(key)
+        if error:
+            warnings = (f"cannot be enforced: {error}", *warnings)
+        if warnings and runtime.warnings_posted.get(key) != warnings:
+            kopf.warn(body, reason="NetfencePolicyWarning", message="; ".join(warnings)[:1000])
+        runtime.warnings_posted[key] = warnings
 
     @kopf.on.event(CPS_GROUP, CPS_VERSION, CPS_PLURAL, registry=registry)
     async def status_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:

@@ -16,12 +16,20 @@ from typing import Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from netfence.model.cluster_policy import API_GROUP as CNP_API_GROUP
+from netfence.model.cluster_policy import API_VERSIONS as CNP_API_VERSIONS
+from netfence.model.cluster_policy import PLURAL as CNP_API_PLURAL
+
 log = logging.getLogger(__name__)
 
 CPS_GROUP = "netfence.dev"
 CPS_VERSION = "v1alpha1"
 CPS_PLURAL = "clusterpolicystatuses"
 CPS_KIND = "ClusterPolicyStatus"
+# ClusterNetworkPolicy (sigs.k8s.io/network-policy-api v0.3.0); its CRD is optional.
+CNP_GROUP = CNP_API_GROUP
+CNP_VERSIONS = CNP_API_VERSIONS
+CNP_PLURAL = CNP_API_PLURAL
 # Seconds for one page (2000 objects) of a listing: a request to a starting or dying API server
 # must not hold up the re-list that follows a watch gap (it is retried).
 LIST_PAGE_TIMEOUT = 30.0
@@ -35,8 +43,9 @@ def _int(value: Any) -> int:
 
 
 def cps_name(namespace: str, name: str) -> str:
-    """ClusterPolicyStatus name of a NetworkPolicy: ``<namespace>.<name>``."""
-    return f"{namespace}.{name}"
+    """ClusterPolicyStatus name of a NetworkPolicy: ``<namespace>.<name>``; of a
+    ClusterNetworkPolicy (empty namespace): ``cnp.<name>``."""
+    return f"{namespace}.{name}" if namespace else f"cnp.{name}"
 
 
 @dataclass
@@ -115,9 +124,24 @@ class KubeApi:
             "networkpolicies": self.networking.list_network_policy_for_all_namespaces,
             "nodes": self.core.list_node,
         }
+        if kind == CNP_PLURAL:
+            return await self._list_cluster_policies()
         if kind not in calls:
             raise ValueError(f"unknown kind {kind!r}")
         return await self._list_snapshot(calls[kind])
+
+    async def _list_cluster_policies(self) -> KindListing:
+        """ClusterNetworkPolicies at the first API version served; none when the CRD is not installed."""
+        for version in CNP_VERSIONS:
+            try:
+                return await self._list_snapshot(
+                    self.custom.list_cluster_custom_object, group=CNP_GROUP, version=version, plural=CNP_PLURAL
+                )
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+        log.debug("no ClusterNetworkPolicy CRD (%s, versions %s): nothing to list", CNP_GROUP, CNP_VERSIONS)
+        return KindListing()
 
     async def list_world(self) -> Listing:
         """Every kind, one after the other (each at its own snapshot; merge them per kind)."""
@@ -225,7 +249,12 @@ def cps_reference(name: str) -> dict[str, str]:
 
 
 def policy_reference(namespace: str, name: str, uid: str = "") -> dict[str, str]:
-    """ObjectReference of a NetworkPolicy, for events."""
+    """ObjectReference of a NetworkPolicy (of a ClusterNetworkPolicy when ``namespace`` is empty), for events."""
+    if not namespace:
+        ref = {"apiVersion": f"{CNP_GROUP}/{CNP_VERSIONS[0]}", "kind": "ClusterNetworkPolicy", "name": name}
+        if uid:
+            ref["uid"] = uid
+        return ref
     ref = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "namespace": namespace, "name": name}
     if uid:
         ref["uid"] = uid

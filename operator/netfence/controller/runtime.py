@@ -15,7 +15,7 @@ from netfence.controller.metrics import ControllerMetrics
 from netfence.controller.relist import KindRelister
 from netfence.controller.status_writer import StatusWriter
 from netfence.controller.syncer import EtcdSyncer
-from netfence.controller.world import KINDS, MergeResult, WorldTracker
+from netfence.controller.world import CLUSTER_POLICIES, KINDS, MergeResult, WorldTracker
 from netfence.model.compiler import ModelEngine
 from netfence.status.aggregate import NodeReport
 from netfence.store.connection import Backoff
@@ -127,7 +127,7 @@ class ControllerRuntime:
         if result.changed:
             self.syncer.notify()
             self.status.mark_all()
-        if kind == "networkpolicies" and result.removed:
+        if kind in ("networkpolicies", CLUSTER_POLICIES) and result.removed:
             self.policies_removed(result.removed)
         return result
 

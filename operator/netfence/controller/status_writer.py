@@ -536,7 +536,15 @@ class StatusWriter:
 
 def status_spec(meta: PolicyMeta) -> dict[str, Any]:
     """The ``spec`` of a policy's ClusterPolicyStatus object."""
+    if not meta.namespace:  # a ClusterNetworkPolicy
+        return {
+            "kind": "ClusterNetworkPolicy",
+            "policy": {"namespace": "", "name": meta.name, "uid": meta.uid},
+            "policyRef": meta.name,
+            "generation": meta.generation,
+        }
     return {
+        "kind": "NetworkPolicy",
         "policy": {"namespace": meta.namespace, "name": meta.name, "uid": meta.uid},
         "policyRef": f"{meta.namespace}/{meta.name}",
         "generation": meta.generation,

@@ -57,7 +57,7 @@ from netfence.store.protocols import Leadership, SyncerStore
 
 log = logging.getLogger(__name__)
 
-OWNED_PREFIXES = ("policies/", "sets/", "sets2/", "endpoints/", "meta/")
+OWNED_PREFIXES = ("policies/", "cpolicies/", "sets/", "sets2/", "endpoints/", "meta/")
 PROTOCOL_KEYS = ("commit", "pending")
 SCHEMA_KEY = "meta/schema"
 OBSERVED_KEY = "meta/observed"

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from netfence.model.cluster_policy import cluster_policy_from_k8s
 from netfence.model.compiler import ModelEngine
 from netfence.model.world import (
     PolicyError,
@@ -38,7 +39,10 @@ from netfence.model.world import (
 
 log = logging.getLogger(__name__)
 
-KINDS = ("pods", "namespaces", "networkpolicies", "nodes")
+#: ClusterNetworkPolicy objects (policy.networking.k8s.io) are held like NetworkPolicies, with the
+#: empty namespace: ``policies[("", name)]`` (no NetworkPolicy has an empty namespace).
+CLUSTER_POLICIES = "clusternetworkpolicies"
+KINDS = ("pods", "namespaces", "networkpolicies", "nodes", CLUSTER_POLICIES)
 
 Ident = tuple[str, str, str]  # (kind, namespace, name)
 
@@ -191,6 +195,19 @@ class WorldTracker:
                 return
             self.policy_errors.pop((ns, name), None)
             self.engine.set_policy(policy)
+        elif kind == CLUSTER_POLICIES:
+            meta = body.get("metadata", {})
+            uid, generation = str(meta.get("uid") or ""), int(meta.get("generation") or 0)
+            self.policies[("", name)] = PolicyMeta("", name, uid, generation)
+            try:
+                cluster_policy = cluster_policy_from_k8s(body)
+            except PolicyError as exc:
+                # Keep enforcing the last good version (if any: never more open than before); status says why.
+                log.warning("ClusterNetworkPolicy %s cannot be enforced and is not (re)compiled: %s", name, exc)
+                self.policy_errors[("", name)] = str(exc)
+                return
+            self.policy_errors.pop(("", name), None)
+            self.engine.set_cluster_policy(cluster_policy)
 
     def _remove(self, kind: str, ns: str, name: str) -> None:
         if kind == "pods":
@@ -203,3 +220,7 @@ class WorldTracker:
             self.policies.pop((ns, name), None)
             self.policy_errors.pop((ns, name), None)
             self.engine.remove_policy(ns, name)
+        elif kind == CLUSTER_POLICIES:
+            self.policies.pop(("", name), None)
+            self.policy_errors.pop(("", name), None)
+            self.engine.remove_cluster_policy(name)

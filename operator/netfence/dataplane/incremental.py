@@ -17,9 +17,9 @@ Dirty tracking is keyed by chain name, as Calico felix keeps dirty chains and
 dirty sets: an endpoint chain lists the *rule chains* it may jump to, each rule
 chain knows its source (direction and policy key), its users (endpoints) and the
 set ids its rules name. Another kind of rule chain (cluster policy tiers) adds a
-source, not a new scheme. Until then a model with cluster policies, and a model
-with pinned rules (dataplane/pins.py, rare), is rendered in full by
-:func:`~netfence.dataplane.render.render`.
+source, not a new scheme. Until then a model with cluster policies or endpoints
+that list some, and a model with pinned rules (dataplane/pins.py, rare), is
+rendered in full by :func:`~netfence.dataplane.render.render`.
 
 The result always equals ``render(model)`` (tests/unit/dataplane/test_incremental.py
 checks it on random sequences of changes); :attr:`IncrementalRenderer.rendered`
@@ -59,7 +59,7 @@ from netfence.dataplane.ruleset import (
     IpSet,
     Ruleset,
 )
-from netfence.model.enforcement import NodeModel
+from netfence.model.enforcement import Endpoint, NodeModel
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +345,8 @@ class IncrementalRenderer:
         self.full_renders = 0  # calls answered by a full render()
         self._model: NodeModel | None = None
         self._families: dict[Family, _FamilyState] = {}
+        self._endpoints_seen: Mapping[str, Endpoint] = {}  # of the last call, incremental or not
+        self._tiered: set[str] = set()  # endpoints listing cluster policies
 
     def reset(self) -> None:
         """Forget the kept rendering: the next call renders everything again."""
@@ -353,7 +355,14 @@ class IncrementalRenderer:
 
     def render(self, model: NodeModel, *, pinned: Pinned | None = None) -> Ruleset:
         """The desired Ruleset for ``model``: always equal to ``render(model, features, pinned)``."""
-        if self.full or (pinned is not None and not pinned.empty) or model.cluster_policies:
+        for key in changed_keys(self._endpoints_seen, model.endpoints):
+            ep = model.endpoints.get(key)
+            if ep is not None and ep.has_cluster_policies:
+                self._tiered.add(key)
+            else:
+                self._tiered.discard(key)
+        self._endpoints_seen = model.endpoints
+        if self.full or (pinned is not None and not pinned.empty) or model.cluster_policies or self._tiered:
             self.reset()
             self.full_renders += 1
             return render(model, features=self.features, pinned=pinned)

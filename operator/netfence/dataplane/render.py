@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from netfence.dataplane import render_tiers
 from netfence.dataplane.members import SET_TYPE, family_members
 from netfence.dataplane.names import Direction, endpoint_chain, policy_chain, set_name
 from netfence.dataplane.pins import Pinned, set_kind
@@ -322,8 +323,16 @@ class _FamilyRenderer:
     # ---- endpoints ----------------------------------------------------------
     def endpoint_chain(self, ep: Endpoint, direction: Direction) -> str | None:
         keys = ep.ingress if direction == "ingress" else ep.egress
+        if any(ep.tiers(direction)):  # ClusterNetworkPolicy tiers around the NetworkPolicy jumps
+            return render_tiers.endpoint_chain(self, ep, direction)
         if not keys:
             return None
+        name = endpoint_chain(direction, ep.key)
+        self.chains[name] = endpoint_lines(ep.key, direction, self.policy_jumps(ep, direction, keys), self.features)
+        return name
+
+    def policy_jumps(self, ep: Endpoint, direction: Direction, keys: tuple[str, ...]) -> dict[str, None]:
+        """The (non-empty or pinned) NetworkPolicy chains endpoint ``ep`` jumps to, in order."""
         jumps: dict[str, None] = {}
         for key in keys:
             policy = self.model.policies.get(key)
@@ -339,9 +348,7 @@ class _FamilyRenderer:
             chain = self.policy_chain(direction, key, rules or ())
             if chain is not None:
                 jumps[chain] = None
-        name = endpoint_chain(direction, ep.key)
-        self.chains[name] = endpoint_lines(ep.key, direction, jumps, self.features)
-        return name
+        return jumps
 
     def endpoint_ips(self, ep: Endpoint) -> list[str]:
         out = []

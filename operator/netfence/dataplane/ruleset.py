@@ -23,7 +23,7 @@ FORWARD_CHAIN = "NETFENCE-FORWARD"
 FROM_WL_CHAIN = "NETFENCE-FROM-WL"
 TO_WL_CHAIN = "NETFENCE-TO-WL"
 #: Prefixes of every chain Netfence owns (and may flush or delete).
-OWNED_CHAIN_PREFIXES: tuple[str, ...] = ("NETFENCE-", "nf-fw-", "nf-tw-", "nf-pi-", "nf-po-")
+OWNED_CHAIN_PREFIXES: tuple[str, ...] = ("NETFENCE-", "nf-fw-", "nf-tw-", "nf-pi-", "nf-po-", "nf-ci-", "nf-co-")
 #: Prefixes of every ipset Netfence owns (and may destroy).
 OWNED_SET_PREFIXES: tuple[str, ...] = ("nf4-", "nf6-")
 #: Packet mark bit meaning "a policy accepted this packet" (see docs/design.md).

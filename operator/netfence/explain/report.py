@@ -17,6 +17,7 @@ from typing import Any
 
 from netfence.dataplane.counters import Counters, RuleCounter
 from netfence.dataplane.names import endpoint_chain, policy_chain, set_name
+from netfence.dataplane.render_tiers import cluster_chain
 from netfence.dataplane.ruleset import FROM_WL_CHAIN, TO_WL_CHAIN, Family
 from netfence.explain.trace import Connection, DirectionTrace, Party, describe_set, verdict
 from netfence.model.enforcement import NodeModel
@@ -51,6 +52,7 @@ def chains_of(trace: DirectionTrace) -> list[tuple[str, str, str | None]]:
         (dispatch_chain(trace), "dispatch", None),
         (endpoint_chain(trace.direction, trace.endpoint), "endpoint", None),
     ]
+    out += [(cluster_chain(trace.direction, name), "cluster policy", name) for name in trace.tiers]
     out += [(policy_chain(trace.direction, key), "policy", key) for key in trace.policies]
     return out
 
@@ -65,6 +67,11 @@ def relevant_keys(trace: DirectionTrace, model: NodeModel) -> list[str]:
         policy = model.policies.get(key)
         if policy is not None:
             keys += [f"sets/{sid}" for sid in sorted(policy.set_ids)]
+    for name in trace.tiers:
+        keys.append(f"cpolicies/{name}")
+        cluster = model.cluster_policies.get(name)
+        if cluster is not None:
+            keys += [f"sets/{sid}" for sid in sorted(cluster.set_ids)]
     return keys
 
 
@@ -127,8 +134,15 @@ def _direction_json(trace: DirectionTrace, conn: Connection, model: NodeModel, r
         "reason": trace.reason,
         "allowedBy": None,
         "nearestMiss": None,
+        "clusterPolicies": list(trace.tiers),
+        "decidedBy": None,
         "notes": list(trace.notes),
     }
+    if trace.cluster is not None:
+        c = trace.cluster
+        data["decidedBy"] = {"clusterPolicy": c.policy, "tier": c.tier, "rule": c.rule, "ruleName": c.rule_name,
+                             "action": c.action, "peer": c.peer, "port": c.port,
+                             "summary": c.describe(trace.direction)}
     if trace.match is not None:
         m = trace.match
         data["allowedBy"] = {"policy": m.policy, "rule": m.rule, "peer": m.peer, "port": m.port}
@@ -279,15 +293,20 @@ def format_text(data: Mapping[str, Any]) -> list[str]:
     for d in data["directions"]:
         who = d["pod"] or "?"
         if d["isolated"]:
-            head = f"{d['direction']} of {who} on {d['node']}: isolated by {', '.join(d['policies'])}"
+            by = [*(f"cluster policy {c}" for c in d.get("clusterPolicies", ())), *d["policies"]]
+            head = f"{d['direction']} of {who} on {d['node']}: isolated by {', '.join(by)}"
         else:
             head = f"{d['direction']} of {who} on {d['node']}: not isolated (no policy selects it for {d['direction']})"
         lines.append("")
         lines.append(head)
-        if d["allowedBy"] is not None:
+        if d.get("decidedBy") is not None:
+            lines.append(f"  {d['decidedBy']['summary']}")
+        elif d["allowedBy"] is not None:
             a = d["allowedBy"]
             lines.append(f"  allowed by policy {a['policy']} {d['direction']} rule {a['rule']}: "
                          f"peer {a['peer']}, port {a['port']}")
+        elif d["isolated"] and not d["policies"]:
+            lines.append("  allowed: no cluster policy rule decided and no NetworkPolicy isolates it")
         elif d["isolated"]:
             lines.append("  denied: no rule of the isolating policies matches")
             if d["nearestMiss"] is not None:

@@ -27,6 +27,7 @@ in the terms of the policy (the compiled sets carry their selectors).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,15 @@ from typing import Any
 
 from netfence.dataplane.names import Direction
 from netfence.dataplane.render import SCTP_PORT_MATCH, Features
-from netfence.model.enforcement import CompiledPort, CompiledRule, Endpoint, NodeModel, PeerSet, Protocol
+from netfence.model.enforcement import (
+    CompiledClusterRule,
+    CompiledPort,
+    CompiledRule,
+    Endpoint,
+    NodeModel,
+    PeerSet,
+    Protocol,
+)
 from netfence.model.evaluate import NetSet
 
 DIRECTIONS: tuple[Direction, ...] = ("egress", "ingress")
@@ -109,6 +118,29 @@ class Miss:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterDecision:
+    """The ClusterNetworkPolicy rule that decided a direction (Accept or Deny; ``rule`` -1: the
+    policy is missing from the committed model, which denies)."""
+
+    policy: str
+    tier: str
+    rule: int
+    action: str
+    peer: str
+    port: str
+    rule_name: str = ""
+    sets: tuple[str, ...] = ()
+
+    def describe(self, direction: Direction) -> str:
+        verb = "allowed" if self.action == "Accept" else "denied"
+        if self.rule < 0:
+            return f"{verb}: cluster policy {self.policy} ({self.tier} tier) is missing from the committed model"
+        named = f" {self.rule_name!r}" if self.rule_name else ""
+        return (f"{verb} by cluster policy {self.policy} ({self.tier} tier) {direction} rule {self.rule}{named}: "
+                f"{self.action} (peer: {self.peer}; port: {self.port})")
+
+
+@dataclass(frozen=True, slots=True)
 class DirectionTrace:
     """The verdict of one direction on one node."""
 
@@ -121,16 +153,24 @@ class DirectionTrace:
     nearest: Miss | None = None
     notes: tuple[str, ...] = ()
 
+    #: ClusterNetworkPolicies evaluated for this direction (Admin, then Baseline when no policy isolates)
+    tiers: tuple[str, ...] = ()
+    cluster: ClusterDecision | None = None  # the cluster policy rule that decided, if one did
+
     @property
     def isolated(self) -> bool:
-        return bool(self.policies)
+        return bool(self.policies or self.tiers)
 
     @property
     def reason(self) -> str:
         if not self.isolated:
             return "not isolated: no policy selects it in this direction"
+        if self.cluster is not None:
+            return self.cluster.describe(self.direction)
         if self.match is not None:
             return "allowed by " + self.match.describe(self.direction)
+        if not self.policies:
+            return "no cluster policy rule matched and no NetworkPolicy isolates it: allowed (the default)"
         return "no rule of the isolating policies matches"
 
     @property
@@ -358,14 +398,63 @@ class _Tracer:
         text = f"port {conn.port} is not in [{', '.join(dict.fromkeys(listed))}]"
         return text + "".join(f" ({d})" for d in dict.fromkeys(details))
 
+    # -- cluster policy tiers (dataplane/render_tiers.py) -----------------------------------
+    def _cluster_rule(self, rule: CompiledClusterRule) -> tuple[_PartResult, _PartResult]:
+        match = rule.match
+        if rule.action == "Deny":  # fail closed as the renderer does: never narrower than written
+            if match.ports is not None and not self.features.sctp_port_match:
+                match = CompiledRule(match.peers, tuple(
+                    CompiledPort("SCTP") if p.protocol == "SCTP" and p.port is not None and p.named_set is None
+                    else p for p in match.ports))
+            if match.peers and not any(self.model.sets.get(sid) for sid in match.peers):
+                match = CompiledRule(None, match.ports)
+        return self.peer_part(match), self.port_part(match)
+
+    def tier(self, names: tuple[str, ...], tier: str) -> tuple[ClusterDecision | None, list[str]]:
+        """The first Accept/Deny rule of the tier's policies that matches (a Pass ends the tier)."""
+        notes: list[str] = []
+        for name in names:
+            policy = self.model.cluster_policies.get(name)
+            if policy is None:
+                notes.append(f"cluster policy {name} is referenced but missing from the committed model (denies)")
+                return ClusterDecision(name, tier, -1, "Deny", "any", "any"), notes
+            for index, rule in enumerate(policy.rules(self.direction)):
+                peer, port = self._cluster_rule(rule)
+                if not (peer.ok and port.ok):
+                    continue
+                if rule.action == "Pass":
+                    notes.append(f"passed to the next tier by cluster policy {name} ({tier} tier) "
+                                 f"{self.direction} rule {index}")
+                    return None, notes
+                return ClusterDecision(name, tier, index, rule.action, peer.text, port.text, rule.name,
+                                       (*peer.sets, *port.sets)), notes
+        return None, notes
+
     # -- the direction --------------------------------------------------------------------
     def run(self, endpoint: Endpoint | None) -> DirectionTrace:
         node, direction = self.model.node, self.direction
         if endpoint is None:
             return DirectionTrace(direction, node, None, (), True)
         keys = endpoint.ingress if direction == "ingress" else endpoint.egress
-        if not keys:
+        admin, baseline = endpoint.tiers(direction)
+        if not keys and not admin and not baseline:
             return DirectionTrace(direction, node, endpoint.key, (), True)
+        tiers = (*admin, *(() if keys else baseline))
+        decision, tier_notes = self.tier(admin, "Admin")
+        if decision is None and not keys:
+            decision, more = self.tier(baseline, "Baseline")
+            tier_notes += more
+        if decision is not None or not keys:
+            allowed = decision is None or decision.action == "Accept"
+            return DirectionTrace(direction, node, endpoint.key, keys, allowed, notes=tuple(tier_notes),
+                                  tiers=tiers, cluster=decision)
+        trace = self._network_policies(endpoint, keys)
+        if not tiers and not tier_notes:
+            return trace
+        return dataclasses.replace(trace, tiers=tiers, notes=(*tier_notes, *trace.notes))
+
+    def _network_policies(self, endpoint: Endpoint, keys: tuple[str, ...]) -> DirectionTrace:
+        node, direction = self.model.node, self.direction
         misses: list[Miss] = []
         notes: list[str] = []
         for key in keys:
@@ -464,8 +553,7 @@ def trace_direction(model: NodeModel, conn: Connection, direction: Direction,
     if trace.endpoint is None and local.is_pod and local.host_network:
         notes.append(f"{local.key} uses the host network: NetworkPolicy does not isolate it")
     if notes != list(trace.notes):
-        return DirectionTrace(trace.direction, trace.node, trace.endpoint, trace.policies, trace.allowed,
-                              trace.match, trace.nearest, tuple(notes))
+        return dataclasses.replace(trace, notes=tuple(notes))
     return trace
 
 

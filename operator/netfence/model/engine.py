@@ -84,6 +84,8 @@ class ModelEngine(MembershipState):
         Warnings cost O(endpoint pods) when the policy has an ipBlock; pass
         ``with_warnings=False`` to skip them (``warnings`` is then empty).
         """
+        if not namespace:  # a ClusterNetworkPolicy (controller/world.py holds them so)
+            return self.cluster_policy_view(name)
         state = self._policies.get((namespace, name))
         if state is None:
             return None
@@ -109,13 +111,14 @@ class ModelEngine(MembershipState):
         )
 
     def policies_affected_by(self, keys: Iterable[str]) -> set[PolicyKey]:
-        """Policies having any of these keys as a relevant key.
+        """Policies having any of these keys as a relevant key; ClusterNetworkPolicies as ``("", name)``.
 
         Uses the current state, plus, for endpoint keys reported by the last
         :meth:`drain_changes`, the policies listed in their value before that
         drain (so a policy that stopped selecting a pod is included). The
         result may name policies that no longer exist.
         """
+        keys = list(keys)
         out: set[PolicyKey] = set()
         for key in keys:
             kind, _, rest = key.partition("/")
@@ -132,6 +135,7 @@ class ModelEngine(MembershipState):
                     for ref in [*before.get("ingress", ()), *before.get("egress", ())]:
                         ns, _, name = str(ref).partition("/")
                         out.add((ns, name))
+        out |= {("", name) for name in self.cluster_policies_affected_by(keys)}
         return out
 
     def cluster_policy_view(self, name: str) -> PolicyView | None:

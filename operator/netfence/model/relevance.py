@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from netfence.model.enforcement import CompiledPolicy, Endpoint, ModelDecodeError
+from netfence.model.enforcement import CompiledClusterPolicy, CompiledPolicy, Endpoint, ModelDecodeError
 
 Kind = Literal["endpoint", "policy", "clusterpolicy", "set", "layout", "bookkeeping"]
 
@@ -65,6 +65,7 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family("endpoints/", "endpoint", _endpoint_node),
     Family("policies/", "policy"),
+    Family("cpolicies/", "clusterpolicy"),  # ClusterNetworkPolicies, by name
     Family("sets/", "set"),
     Family("sets2/", "set", _first),  # layout schema 2: ``sets2/<id>[/<chunk>]``
     Family("meta/schema", "layout", exact=True),
@@ -135,6 +136,13 @@ ENDPOINT_REFERENCES: tuple[tuple[Kind, tuple[str, ...]], ...] = (
 )
 
 
+#: Where each policy kind is stored and how a value decodes (for :func:`needed_revisions`).
+POLICY_KINDS: dict[Kind, tuple[str, Callable[[object], _Policy]]] = {
+    "policy": ("policies/", CompiledPolicy.from_json),
+    "clusterpolicy": ("cpolicies/", CompiledClusterPolicy.from_json),
+}
+
+
 def node_uses(
     node: str,
     endpoints: Iterable[_Endpoint],
@@ -197,15 +205,16 @@ def needed_revisions(values: Mapping[str, bytes], mod_revisions: Mapping[str, in
             endpoint_keys.setdefault(found[1] or "", []).append(key)
         elif found[0] != "bookkeeping" and found[1] is not None:
             named[(found[0], found[1])] = max(named.get((found[0], found[1]), 0), revision)
-    policies: dict[str, CompiledPolicy] = {}
+    decoded: dict[str, _Policy | None] = {}
 
-    def policy(name: str) -> CompiledPolicy | None:
-        if name not in policies and (raw := values.get(f"policies/{name}")) is not None:
+    def policy(key: str, decode: Callable[[object], _Policy]) -> _Policy | None:
+        if key not in decoded:
+            raw = values.get(key)
             try:
-                policies[name] = CompiledPolicy.from_json(json.loads(raw))
+                decoded[key] = None if raw is None else decode(json.loads(raw))
             except (ValueError, ModelDecodeError, TypeError, KeyError):
-                return None
-        return policies.get(name)
+                decoded[key] = None
+        return decoded[key]
 
     out: dict[str, int] = {}
     for node in nodes:
@@ -217,8 +226,16 @@ def needed_revisions(values: Mapping[str, bytes], mod_revisions: Mapping[str, in
                 endpoints.append(Endpoint.from_json(json.loads(values[key])))
             except (ValueError, ModelDecodeError, TypeError, KeyError):
                 continue
-        known = {name: p for ep in endpoints for name in (*ep.ingress, *ep.egress) if (p := policy(name)) is not None}
-        uses = node_uses(node, endpoints, {"policy": known})
+        known: dict[Kind, dict[str, _Policy]] = {}
+        for kind, fields in ENDPOINT_REFERENCES:
+            prefix, decode = POLICY_KINDS[kind]
+            mine = known.setdefault(kind, {})
+            for ep in endpoints:
+                for attr in fields:
+                    for name in getattr(ep, attr, ()):
+                        if (p := policy(prefix + name, decode)) is not None:
+                            mine[name] = p
+        uses = node_uses(node, endpoints, known)
         for kind, names in uses.names.items():
             for name in names:
                 needed = max(needed, named.get((kind, name), 0))

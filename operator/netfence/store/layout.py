@@ -7,7 +7,7 @@ JSON objects that always carry ``"schema"``.
 Key families:
 
 * committed data, written by the controller and applied by readers only at
-  commit markers: ``policies/<ns>/<name>``, ``sets/<id>`` (layout schema 1)
+  commit markers: ``policies/<ns>/<name>``, ``cpolicies/<name>``, ``sets/<id>`` (layout schema 1)
   or ``sets2/<id>[/<chunk>]`` (layout schema 2, see ``store/migration.py``),
   ``endpoints/<node>/<ns>/<name>``, ``meta/...``;
 * protocol keys: ``commit`` (the commit marker), ``pending`` (present while a
@@ -57,7 +57,8 @@ META_SCHEMA = "meta/schema"
 COMMIT_REPORTS = "reports"
 REPORTS_RELEVANT = "relevant"
 
-COMMITTED_PREFIXES: tuple[str, ...] = (POLICIES, SETS, SETS_V2, ENDPOINTS, META)
+CLUSTER_POLICIES = "cpolicies/"  # ClusterNetworkPolicy: cpolicies/<name>
+COMMITTED_PREFIXES: tuple[str, ...] = (POLICIES, CLUSTER_POLICIES, SETS, SETS_V2, ENDPOINTS, META)
 
 
 def commit_marker(seq: int, time: str, controller: str) -> dict[str, Any]:

@@ -161,17 +161,21 @@ class EtcdCommittedReader:
         relative = self.layout.relative
         items = watch.items()
         async with contextlib.aclosing(items):
-            async for item in items:
-                if isinstance(item, RangeEvents):
-                    merger.events(item.index, item.revision, {relative(ev.key): ev.value for ev in item.events})
-                elif item.index is None:
-                    merger.progress(item.revision)
-                else:
-                    merger.range_progress(item.index, item.revision)
-                for revision, changes in merger.ready():
-                    yield revision, changes
-                if merger.waiting():
-                    watch.request_progress()  # etcd answers once every range has caught up
+            try:
+                async for item in items:
+                    if isinstance(item, RangeEvents):
+                        merger.events(item.index, item.revision,
+                                      {relative(ev.key): ev.value for ev in item.events})
+                    elif item.index is None:
+                        merger.progress(item.revision)
+                    else:
+                        merger.range_progress(item.index, item.revision)
+                    for revision, changes in merger.ready():
+                        yield revision, changes
+                    if merger.waiting():
+                        watch.request_progress()  # etcd answers once every range has caught up
+            finally:
+                watch.close()
 
     async def _resume_after(self, position: int, exc: CompactedError) -> int:
         """Where to resume a commit watch positioned at ``position`` after a compaction.

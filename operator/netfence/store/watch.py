@@ -219,6 +219,8 @@ class RangeProgress:
 RangeItem = RangeEvents | RangeProgress
 
 _PROGRESS_WATCH_ID = -1  # etcd's answer to a WatchProgressRequest (clientv3.InvalidWatchID)
+PROGRESS_RESEND_FIRST = 0.05  # seconds before an unanswered progress request is sent again
+PROGRESS_RESEND_MAX = 1.0
 
 
 class RangeWatch:
@@ -249,14 +251,40 @@ class RangeWatch:
         self.next = [start_revision] * len(ranges)  # per range: the next revision it must deliver
         self._requests: asyncio.Queue[WatchRequest] | None = None
         self._progress_wanted = False
+        self._resend: asyncio.TimerHandle | None = None
+        self._resend_delay = PROGRESS_RESEND_FIRST
         self.progress_requests = 0  # sent (for tests and benchmarks)
 
     def request_progress(self) -> None:
-        """Ask etcd to confirm progress of every range (once until answered)."""
+        """Ask etcd to confirm progress of every range, until it answers.
+
+        etcd drops a progress request (no answer at all) when some watch on the stream is
+        not synced at that moment (catching up, or held back because its send buffer was
+        full: ``watchableStore.progressIfSync``), so an unanswered request is sent again
+        after 50 ms, doubling up to 1 s, until an answer arrives."""
         if self._progress_wanted:
             return
         self._progress_wanted = True
+        self._resend_delay = PROGRESS_RESEND_FIRST
         self._send_progress()
+        self._arm()
+
+    def _arm(self) -> None:
+        self._resend = asyncio.get_running_loop().call_later(self._resend_delay, self._resend_progress)
+
+    def _resend_progress(self) -> None:
+        self._resend = None
+        if not self._progress_wanted:
+            return
+        self._send_progress()
+        self._resend_delay = min(self._resend_delay * 2, PROGRESS_RESEND_MAX)
+        self._arm()
+
+    def _progress_answered(self) -> None:
+        self._progress_wanted = False
+        if self._resend is not None:
+            self._resend.cancel()
+            self._resend = None
 
     def _send_progress(self) -> None:
         if self._requests is not None:
@@ -310,7 +338,7 @@ class RangeWatch:
                     if watch_id == _PROGRESS_WATCH_ID and not response.events:
                         # etcd handled our create requests before the progress request: the
                         # answer covers every range, even if a created response is still due.
-                        self._progress_wanted = False
+                        self._progress_answered()
                         self.next = [max(n, revision + 1) for n in self.next]
                         yield RangeProgress(None, revision)
                         continue
@@ -341,3 +369,13 @@ class RangeWatch:
             finally:
                 self._requests = None
                 call.cancel()
+                if self._resend is not None and not self._progress_wanted:
+                    self._resend.cancel()
+                    self._resend = None
+
+    def close(self) -> None:
+        """Stop re-sending progress requests (the stream is no longer read)."""
+        self._progress_wanted = False
+        if self._resend is not None:
+            self._resend.cancel()
+            self._resend = None

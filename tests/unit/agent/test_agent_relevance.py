@@ -213,7 +213,7 @@ def test_absorb_coalesces_a_group_and_judges_each_commit_with_the_state_it_met()
 def test_node_ranges_cover_what_the_node_state_reads() -> None:
     ranges = node_ranges(NODE, max_schema=2)
     state = NodeState(NODE, max_schema=2)
-    wanted = ["policies/a/b", "sets/x", "sets2/x/1", f"endpoints/{NODE}/a/b", "meta/schema"]
+    wanted = ["policies/a/b", "cpolicies/deny-all", "sets/x", "sets2/x/1", f"endpoints/{NODE}/a/b", "meta/schema"]
     unwanted = [f"endpoints/{OTHER}/a/b", "meta/observed", "status/nodes/node-1", "leader"]
 
     def covered(key: str) -> bool:

@@ -95,4 +95,4 @@ async def test_jobs_per_kind() -> None:
     assert status.answers == 2  # failed status writes are retried at once
     kube.calls.clear()
     await rt.full_resync()
-    assert kube.calls == ["pods", "namespaces", "networkpolicies", "nodes"]
+    assert kube.calls == ["pods", "namespaces", "networkpolicies", "nodes", "clusternetworkpolicies"]

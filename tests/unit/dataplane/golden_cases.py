@@ -20,6 +20,8 @@ CASES: dict[str, tuple[Callable[[], NodeModel], Features]] = {
     **{name: (fn, Features()) for name, fn in SAMPLES.items()},
     "shared_and_missing_v4_no_sctp": (shared_and_missing, Features(ipv6=False, sctp_port_match=False)),
     "ingress_basic_no_invalid_drop": (ingress_basic, Features(drop_invalid=False, ipv6=False)),
+    # a new pod is denied until known: known pods dispatched or returned, the rest of the CIDRs dropped
+    "ingress_basic_unknown_workloads": (ingress_basic, Features(workload_cidrs=("10.244.0.0/24", "fd00::/64"))),
 }
 
 

@@ -152,6 +152,12 @@ def test_pins_and_cluster_policies_take_the_full_render() -> None:
     assert renderer.full_renders == 2
     _check(renderer, model)  # and back: everything rendered afresh
     assert renderer.full_renders == 2 and renderer.rendered
+    tiered = replace(model.endpoints["ns/b"], admin_ingress=("unknown-cnp",))
+    with_tiers = replace(model, endpoints={**model.endpoints, "ns/b": tiered})
+    assert renderer.render(with_tiers) == render(with_tiers)
+    assert renderer.full_renders == 3
+    _check(renderer, model)
+    assert renderer.full_renders == 3
 
 
 def test_full_switch_and_reset() -> None:
@@ -250,10 +256,11 @@ def _step(model: NodeModel, change: Change) -> NodeModel:
                    endpoints={k: replace(v) for k, v in model.endpoints.items()})
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     steps=st.lists(st.lists(changes, min_size=1, max_size=3), min_size=1, max_size=12),
-    features=st.builds(Features, ipv6=st.booleans(), sctp_port_match=st.booleans(), drop_invalid=st.booleans()),
+    features=st.builds(Features, ipv6=st.booleans(), sctp_port_match=st.booleans(), drop_invalid=st.booleans(),
+                       workload_cidrs=st.sampled_from(((), ("10.244.1.0/24",), ("10.244.1.0/24", "fd00::/64")))),
 )
 def test_incremental_state_equals_a_full_render_after_every_commit(
     steps: list[list[Change]], features: Features

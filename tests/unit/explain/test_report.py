@@ -59,7 +59,8 @@ def test_json_shape_of_a_denied_connection() -> None:
     egress, ingress = data["directions"]
     assert egress["direction"] == "egress" and egress["isolated"] is False and egress["verdict"] == "allowed"
     assert set(ingress) == {"direction", "pod", "node", "endpoint", "isolated", "policies", "verdict", "reason",
-                            "allowedBy", "nearestMiss", "notes", "enforcement"}
+                            "allowedBy", "nearestMiss", "clusterPolicies", "decidedBy", "notes",
+                            "enforcement"}
     assert ingress["policies"] == ["x/p"] and ingress["verdict"] == "denied"
     assert ingress["nearestMiss"] == {"policy": "x/p", "rule": 0, "text": "port 81 is not in [80]",
                                       "summary": "policy x/p ingress rule 0: port 81 is not in [80]"}

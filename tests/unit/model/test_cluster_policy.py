@@ -198,7 +198,9 @@ def test_subject_only_set_is_not_written() -> None:
         engine.desired()[k]["kind"] == "net" for k in keys if k.startswith("sets/")
     )
     engine.remove_cluster_policy("c")
-    assert dict(engine.desired()) == {}
+    # only the pod's own (unselected) endpoint record remains: no set, no policy
+    assert list(engine.desired()) == ["endpoints/n0/x/a"]
+    assert engine.desired()["endpoints/n0/x/a"]["egress"] == []
 
 
 CLUSTER_COUNT = 200
@@ -311,7 +313,7 @@ def cluster_step(data: st.DataObject, engine: ModelEngine, world: ClusterWorld) 
         step(data, engine, world)
 
 
-@settings(max_examples=120, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate], suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=50, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate], suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_engine_with_cluster_policies_equals_full_compile(data: st.DataObject) -> None:
     engine = ModelEngine()

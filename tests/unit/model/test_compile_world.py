@@ -43,6 +43,13 @@ def endpoint(ns: str, name: str, node: str, ips: list[str], ingress: list[str], 
     return {"schema": 1, "node": node, "namespace": ns, "name": name, "ips": ips, "ingress": ingress, "egress": egress}
 
 
+#: every scheduled endpoint pod has an endpoint key, also when no policy selects it (empty lists)
+UNSELECTED_Y = {
+    "endpoints/n0/y/a": endpoint("y", "a", "n0", ["10.244.0.11", "fd00::b"], [], []),
+    "endpoints/n1/y/b": endpoint("y", "b", "n1", ["10.244.1.11"], [], []),
+}
+
+
 def policy_json(name: str, ingress: Any, egress: Any, namespace: str = "x") -> dict[str, Any]:
     return {
         "schema": 1,
@@ -60,6 +67,7 @@ def test_default_deny_ingress() -> None:
         "policies/x/deny": policy_json("deny", [], None),
         "endpoints/n0/x/a": endpoint("x", "a", "n0", ["10.244.0.10"], ["x/deny"], []),
         "endpoints/n1/x/b": endpoint("x", "b", "n1", ["10.244.1.10"], ["x/deny"], []),
+        **UNSELECTED_Y,
     }
 
 
@@ -68,6 +76,8 @@ def test_default_deny_egress() -> None:
     assert out == {
         "policies/x/deny": policy_json("deny", None, []),
         "endpoints/n0/x/a": endpoint("x", "a", "n0", ["10.244.0.10"], [], ["x/deny"]),
+        "endpoints/n1/x/b": endpoint("x", "b", "n1", ["10.244.1.10"], [], []),
+        **UNSELECTED_Y,
     }
 
 
@@ -125,7 +135,10 @@ def test_namespace_and_pod_selector_combo() -> None:
         "matchExpressions": [],
     }
     assert out[f"sets/{all_ns}"]["members"] == ["10.244.0.10", "10.244.0.11", "10.244.1.10", "10.244.1.11", "fd00::b"]
-    assert set(out) == {"policies/x/p", f"sets/{combo}", f"sets/{all_ns}", "endpoints/n0/x/a"}
+    # every scheduled endpoint pod has its key; only x/a is selected
+    assert set(out) == {"policies/x/p", f"sets/{combo}", f"sets/{all_ns}", "endpoints/n0/x/a", "endpoints/n1/x/b",
+                        *UNSELECTED_Y}
+    assert [k for k, v in out.items() if k.startswith("endpoints/") and v["ingress"]] == ["endpoints/n0/x/a"]
 
 
 def test_ip_block_with_except_is_a_net_set_with_nomatch_members() -> None:
@@ -233,7 +246,9 @@ def test_non_endpoint_pods_are_excluded_everywhere() -> None:
     assert out[f"sets/{web}"]["members"] == ["10.244.0.10", "10.244.0.60"]
     assert "10.244.0.60,tcp:80" in out[f"sets/{http}"]["members"]
     assert not any(m.startswith(("192.168.0.1", "10.244.0.5")) for m in out[f"sets/{http}"]["members"])
-    assert sorted(k for k in out if k.startswith("endpoints/")) == ["endpoints/n0/x/a"]
+    assert sorted(k for k in out if k.startswith("endpoints/")) == [
+        "endpoints/n0/x/a", "endpoints/n0/y/a", "endpoints/n1/x/b", "endpoints/n1/y/b"]
+    assert [k for k, v in out.items() if k.startswith("endpoints/") and v["ingress"]] == ["endpoints/n0/x/a"]
 
 
 def test_sets_are_shared_and_only_referenced_sets_exist() -> None:

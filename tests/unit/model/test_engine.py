@@ -26,14 +26,17 @@ def make_engine() -> ModelEngine:
 
 def test_drain_reports_creations_updates_and_deletions() -> None:
     engine = make_engine()
-    assert engine.drain_changes() == {}  # no policy: nothing to enforce
+    # no policy: every scheduled endpoint pod is known, none is isolated
+    known = engine.drain_changes()
+    assert set(known) == {"endpoints/n0/x/a", "endpoints/n1/x/b", "endpoints/n1/y/c"}
+    assert all(v is not None and v["ingress"] == v["egress"] == [] for v in known.values())
     engine.set_policy(policy("deny", {"podSelector": {"matchLabels": {"pod": "a"}}}))
     first = engine.drain_changes()
     assert set(first) == {"policies/x/deny", "endpoints/n0/x/a"}
     assert engine.drain_changes() == {}
     engine.remove_policy("x", "deny")
-    assert engine.drain_changes() == {"policies/x/deny": None, "endpoints/n0/x/a": None}
-    assert dict(engine.desired()) == {}
+    assert engine.drain_changes() == {"policies/x/deny": None, "endpoints/n0/x/a": known["endpoints/n0/x/a"]}
+    assert dict(engine.desired()) == known
 
 
 def test_sets_live_while_referenced_and_are_shared() -> None:

@@ -27,6 +27,7 @@ def test_key_families() -> None:
     assert classify("sets2/s1/3") == ("set", "s1") and classify("sets2/s1") == ("set", "s1")
     assert classify("meta/schema") == ("layout", None)
     assert classify("meta/observed") == ("bookkeeping", "observed")
+    assert classify("cpolicies/deny-all") == ("clusterpolicy", "deny-all")
     assert classify("clusternetworkpolicies/x") is None
 
 
