@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 VENV  := .venv/bin
 SCENARIOS ?= tests/conformance ../shared/conformance/scenarios
+IP_FAMILY ?= dual
 
 .PHONY: setup test lint unit integration conformance demo bench clean crds golden node-e2e
 
@@ -23,7 +24,7 @@ integration: setup
 	$(VENV)/pytest -q tests/integration
 
 conformance: setup
-	$(VENV)/netfence conformance run $(SCENARIOS)
+	$(VENV)/netfence conformance run --ip-family $(IP_FAMILY) $(SCENARIOS)
 
 ## demo: the local demo (control plane, controller, two nodes, the classic policies)
 demo: setup

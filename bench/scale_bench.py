@@ -224,6 +224,9 @@ class CountingRangeWatch:
     def request_progress(self) -> None:
         self._watch.request_progress()
 
+    def close(self) -> None:
+        self._watch.close()
+
     async def items(self) -> AsyncGenerator[Any, None]:
         stream = self._watch.items()
         async with contextlib.aclosing(stream):
@@ -243,8 +246,9 @@ class SimStore:
         self.counters = counters
         self._on_report = on_report
 
-    async def committed_snapshot(self, include: Include | None = None, *, max_wait: float = 30.0) -> CommittedState:
-        return await self._reader.committed_snapshot(include, max_wait=max_wait)
+    async def committed_snapshot(self, include: Include | None = None, *, max_wait: float = 30.0,
+                                 ranges: Sequence[KeyRange] | None = None) -> CommittedState:
+        return await self._reader.committed_snapshot(include, max_wait=max_wait, ranges=ranges)
 
     def follow_commits(
         self, after_revision: int, include: Include | None = None, *, foreign_batches: bool = False,

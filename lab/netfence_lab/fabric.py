@@ -88,8 +88,9 @@ def node_pod_cidr(index: int) -> str:
 
 
 def node_pod_cidr6(index: int) -> str:
-    """Node ``index``'s IPv6 pod CIDR (ULA space; ``index`` is the low byte of the fourth group)."""
-    return f"fd00:10:244:{index:x}::/64"
+    """Node ``index``'s IPv6 pod CIDR (ULA space; ``index`` is the low byte of the fourth group), in
+    canonical text (``fd00:10:244::/64`` for node 0)."""
+    return str(ipaddress.ip_network(f"fd00:10:244:{index:x}::/64"))
 
 
 def node_underlay_ip6(index: int) -> str:

@@ -314,7 +314,7 @@ class FakeCommittedReader(_Role):
         return self.etcd.commit_revision()
 
     async def committed_snapshot(
-        self, include: Include | None = None, *, max_wait: float = 30.0
+        self, include: Include | None = None, *, max_wait: float = 30.0, ranges: Sequence[KeyRange] | None = None
     ) -> CommittedState:
         self.etcd.check("committed snapshot")
         revision = self.etcd.revision
@@ -324,7 +324,8 @@ class FakeCommittedReader(_Role):
         state = self.etcd.state_at(revision)
         commit = state.get(L.COMMIT)
         values = {rel: e.value for rel, e in state.items()
-                  if L.is_committed_key(rel) and (include is None or include(rel))}
+                  if L.is_committed_key(rel) and (include is None or include(rel))
+                  and (ranges is None or any(rel.startswith(r.rel) if r.prefix else rel == r.rel for r in ranges))}
         mods = {rel: state[rel].mod_revision for rel in values}
         commit_revision = commit.mod_revision if commit else 0
         foreign = foreign_in_snapshot(mods, commit_revision)
@@ -559,9 +560,9 @@ class FakeStore(_Role):
         return await self.reader.commit_revision()
 
     async def committed_snapshot(
-        self, include: Include | None = None, *, max_wait: float = 30.0
+        self, include: Include | None = None, *, max_wait: float = 30.0, ranges: Sequence[KeyRange] | None = None
     ) -> CommittedState:
-        return await self.reader.committed_snapshot(include, max_wait=max_wait)
+        return await self.reader.committed_snapshot(include, max_wait=max_wait, ranges=ranges)
 
     def follow_commits(
         self,

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = [
     "pod-selector", "namespace-selector", "pod-and-namespace-selector", "ipblock-except", "end-port-range",
     "named-port-ingress", "named-port-egress", "default-deny-egress", "multiple-policies-union", "policy-types",
-    "udp", "ingress-and-egress-both-ends",
+    "udp", "ingress-and-egress-both-ends", "cnp-tiers-integration", "cnp-egress-networks",
 ]
 
 
@@ -121,7 +121,7 @@ class ExplainChecker:
             if not seen:  # the probe of this very pair was dropped: the denying chain's DROP counter shows it
                 denied = [d for d in data["directions"] if d["verdict"] == "denied"]
                 dropped = [c.get("dropped", 0) for d in denied for c in d["enforcement"]["chains"]
-                           if c["role"] == "endpoint"]
+                           if c["role"] in ("endpoint", "cluster policy")]
                 if not dropped or max(dropped) < 1:
                     self.mismatches.append(f"CLI {src} -> {dst}: no DROP counted: {json.dumps(denied)[:1500]}")
 

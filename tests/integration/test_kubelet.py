@@ -13,7 +13,7 @@ from kubernetes_asyncio.client import ApiClient, CoreV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import new_client_from_config
 
-from netfence_lab.fabric import Fabric
+from netfence_lab.fabric import Fabric, node_pod_cidr6
 from netfence_lab.kubelet import Kubelet, pod_ip, port_name
 from netfence_lab.netns import netns_exists
 from netfence_lab.probe import Probe, Prober
@@ -138,3 +138,43 @@ async def test_nine_pods_e2e_preset_timing(kubelet: Kubelet, api: ApiClient) -> 
     # node 0 already handed out k = 0..4 and node 1 k = 0..3: deleted pods' addresses stay used
     expected = [pod_ip(0, k) for k in range(5, 10)] + [pod_ip(1, k) for k in range(4, 8)]
     assert sorted(h.ip for h in kubelet.pods.values()) == sorted(expected)
+
+
+async def test_dual_stack_nodes_and_pods_list_both_families_primary_first(api: ApiClient) -> None:
+    """A dual-stack fabric (IPv6 primary): podCIDRs and podIPs carry both families, IPv6 first, and
+    the pods answer over both (probes stay inside the test's namespaces)."""
+    fabric = Fabric(pod_cidr6=node_pod_cidr6)
+    kubelet = Kubelet(api, fabric, ipv6_primary=True)
+    core = CoreV1Api(api)
+    try:
+        for i in range(2):
+            await kubelet.add_node(i)
+            node = await core.read_node(f"node-{i}")
+            v6 = "fd00:10:244::/64" if i == 0 else f"fd00:10:244:{i}::/64"
+            assert node.spec.pod_cidrs == [v6, f"10.244.{i}.0/24"]
+            assert node.spec.pod_cidr == v6
+        await kubelet.ensure_namespace("d", {})
+        a = await kubelet.create_pod("d", "a", {}, [(80, "TCP"), (53, "UDP")], 0)
+        b = await kubelet.create_pod("d", "b", {}, [(80, "TCP"), (53, "UDP")], 1)
+        c = await kubelet.create_pod("d", "c", {}, [(80, "TCP")], 0)
+        assert (a.ips, b.ips, c.ips) == (
+            ("fd00:10:244::a", "10.244.0.10"), ("fd00:10:244:1::a", "10.244.1.10"),
+            ("fd00:10:244::b", "10.244.0.11"))
+        assert a.ip == "fd00:10:244::a"
+        pod = await core.read_namespaced_pod("a", "d")
+        assert pod.status.pod_ip == "fd00:10:244::a"
+        assert [p.ip for p in pod.status.pod_ips] == ["fd00:10:244::a", "10.244.0.10"]
+        prober = Prober()
+        for src, dst in ((a, b), (b, a), (c, a), (a, c)):
+            for ip in dst.ips:
+                assert prober.exchange(Probe(src.netns, ip, 80, "TCP")) == dst.key, (src.key, ip)
+                if dst.key != "d/c":  # d/c serves TCP only
+                    assert prober.exchange(Probe(src.netns, ip, 53, "UDP")) == dst.key, (src.key, ip)
+        # An address of the IPv6 pod CIDR that no pod holds gets no answer.
+        assert not prober.probe_tcp(a.netns, "fd00:10:244:1::c8", 80, timeout=0.5)
+    finally:
+        try:
+            await kubelet.close()
+        finally:
+            fabric.close()
+        assert fabric.leftovers() == []

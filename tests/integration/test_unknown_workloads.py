@@ -89,11 +89,20 @@ async def test_a_new_pod_is_denied_until_its_endpoint_is_known(
         "metadata": {"name": "deny-new", "namespace": ns},
         "spec": {"podSelector": {"matchLabels": {"role": "new"}}, "policyTypes": ["Ingress"], "ingress": []},
     })
-    # both pods known on their nodes (neither is selected): the client reaches the other pod
-    await eventually(lambda: _connects(prober, client, known.ip), timeout=60, what="client -> known")
-    node0 = env.fabric.node(0).netns if env.fabric else ""
-    dispatch = chain_rules(node0, TO_WL_CHAIN)
-    assert dispatch and dispatch[-1].endswith('"netfence ingress to unknown workload" -j DROP'), dispatch
+    assert env.fabric is not None
+    node0 = env.fabric.node(0).netns
+    nodes = [env.fabric.node(i).netns for i in (0, 1)]
+
+    async def both_known() -> bool:
+        # both agents drop unknown workloads, and both pods (neither is selected) are known on their
+        # nodes: the client reaches the other pod
+        for netns in nodes:
+            dispatch = chain_rules(netns, TO_WL_CHAIN)
+            if not dispatch or not dispatch[-1].endswith('"netfence ingress to unknown workload" -j DROP'):
+                return False
+        return await _connects(prober, client, known.ip)
+
+    await eventually(both_known, timeout=120, what="agents synced with --pod-cidrs; client -> known")
 
     hammers: list[Hammer] = []
     before: list[bool] = []

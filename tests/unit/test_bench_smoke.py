@@ -96,3 +96,10 @@ def test_scale_bench_helpers() -> None:
     assert {"policy_enforced_p50_s", "label_enforced_p99_s", "events_per_agent_per_commit"} <= figures.keys()
     assert scale.controller_argv("baseline", type("C", (), {"kubeconfig": "k", "netfence_etcd": type(
         "E", (), {"endpoint": "e"})()})(), "/p/", "c")[-2:] == ["--baseline-status=true", "--status-concurrency=1"]
+
+
+def test_ip_family_bench_alternates_modes_and_computes_ratios() -> None:
+    bench = _import("ip_family_bench")
+    assert [bench.mode_order(i, ["ipv4", "dual"]) for i in range(3)] == [
+        ["ipv4", "dual"], ["dual", "ipv4"], ["ipv4", "dual"]]
+    assert bench.ratio_summary({"ipv4": 100.0, "dual": 130.0}, "ipv4") == {"ipv4": 1.0, "dual": 1.3}

@@ -62,7 +62,7 @@ def test_agent_pod_cidrs() -> None:
     config = load_agent_config(["--node=n1", "--pod-cidrs=10.244.0.0/24, fd00::/64"], env={})
     assert config.pod_cidrs == ("10.244.0.0/24", "fd00::/64")
     assert load_agent_config(["--node=n1"], env={"NETFENCE_POD_CIDRS": "10.1.0.0/16"}).pod_cidrs == ("10.1.0.0/16",)
-    with pytest.raises(ConfigError, match="pod CIDR '10.244.0.1/24'"):  # host bits set: one clear line
+    with pytest.raises(ConfigError, match=r"pod CIDR '10\.244\.0\.1/24'"):  # host bits set: one clear line
         load_agent_config(["--node=n1", "--pod-cidrs=10.244.0.1/24"], env={})
 
 

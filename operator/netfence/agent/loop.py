@@ -139,14 +139,14 @@ class Agent:
         backoff = 0.2
         while True:
             try:
-                snapshot = await self.store.committed_snapshot(include=self.state.wants)
+                every_commit = self.config.watch_scope == "prefix"  # as agents before issue 11
+                ranges = None if every_commit else node_ranges(self.config.node, self.config.max_schema)
+                snapshot = await self.store.committed_snapshot(include=self.state.wants, ranges=ranges)
                 self.health.etcd_connected = True
                 self.state.reset(snapshot.values, snapshot.foreign, snapshot.mod_revisions)
                 self._revision = snapshot.commit_revision
                 await self.apply()
                 backoff = 0.2
-                every_commit = self.config.watch_scope == "prefix"  # as agents before issue 11
-                ranges = None if every_commit else node_ranges(self.config.node, self.config.max_schema)
                 batches = self.store.follow_commits(
                     self._revision, include=self.state.wants, foreign_batches=True, ranges=ranges)
                 # Commits that arrive while an apply runs are applied together, in order (agent/commits.py);

@@ -112,6 +112,10 @@ def _chain_summary(role: str, rules: list[RuleCounter], endpoint_name: str,
         invalid = [r for r in rules if r.rule.endswith("-j DROP") and "invalid" in r.rule]
         return {"dropped": sum(r.packets for r in dropped), "invalidDropped": sum(r.packets for r in invalid),
                 "rules": rules}
+    if role == "cluster policy":  # Deny rules drop here; Accept/Pass rules go to the mark chains
+        denied = [r for r in rules if r.rule.endswith("-j DROP")]
+        decided = [r for r in rules if not r.rule.endswith("-j DROP")]
+        return {"dropped": sum(r.packets for r in denied), "marked": sum(r.packets for r in decided), "rules": rules}
     matched = [r for r in rules if any(f"--match-set {s} " in r.rule for s in set_names)] if set_names else []
     out: dict[str, Any] = {"marked": sum(r.packets for r in rules), "rules": rules}
     if matched:
@@ -263,13 +267,15 @@ def _enforcement_lines(e: Mapping[str, Any]) -> list[str]:
 
 def _chain_text(chain: Mapping[str, Any]) -> str:
     role, name = chain["role"], chain["name"]
-    what = {"dispatch": "dispatch", "endpoint": "endpoint chain"}.get(role, f"policy {chain.get('policy')}")
+    what = {"dispatch": "dispatch", "endpoint": "endpoint chain"}.get(role, f"{role} {chain.get('policy')}")
     if chain.get("present") is False:
         if role == "policy":
             return f"{name}  {what}: no chain in the kernel (the policy allows nothing here)"
         return f"{name}  {what}: missing from the kernel"
     if "dropped" in chain:
         extra = f", {chain['invalidDropped']} invalid" if chain.get("invalidDropped") else ""
+        if "marked" in chain:
+            extra += f", {_packets(chain['marked'])} accepted or passed"
         return f"{name}  {what}: {_packets(chain['dropped'])} dropped{extra}"
     if "marked" in chain:
         via = f" ({chain['viaSets']} via the sets below)" if "viaSets" in chain else ""

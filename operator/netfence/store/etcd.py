@@ -144,10 +144,10 @@ class EtcdStore:
         return await self.reader.commit_revision()
 
     async def committed_snapshot(
-        self, include: Include | None = None, *, max_wait: float = 30.0
+        self, include: Include | None = None, *, max_wait: float = 30.0, ranges: Sequence[KeyRange] | None = None
     ) -> CommittedState:
         """The committed keys (filtered by ``include``) as of the latest commit (store/reader.py)."""
-        return await self.reader.committed_snapshot(include, max_wait=max_wait)
+        return await self.reader.committed_snapshot(include, max_wait=max_wait, ranges=ranges)
 
     def follow_commits(
         self,

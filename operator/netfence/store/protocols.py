@@ -53,9 +53,10 @@ class CommittedReader(Pausing, Protocol):
     """Reads only committed state: never half of a change (``store/reader.py``)."""
 
     async def committed_snapshot(
-        self, include: Include | None = None, *, max_wait: float = 30.0
+        self, include: Include | None = None, *, max_wait: float = 30.0, ranges: Sequence[KeyRange] | None = None
     ) -> CommittedState:
-        """The committed keys (filtered by ``include``) as of the latest commit."""
+        """The committed keys (filtered by ``include``) as of the latest commit (``ranges``: only
+        these keys / prefixes are read)."""
         ...
 
     def follow_commits(

@@ -75,14 +75,17 @@ class EtcdCommittedReader:
         return CommittedState(values, commit_revision, revision, foreign, mods)
 
     async def committed_snapshot(
-        self, include: Include | None = None, *, max_wait: float = 30.0
+        self, include: Include | None = None, *, max_wait: float = 30.0, ranges: Sequence[KeyRange] | None = None
     ) -> CommittedState:
         """The committed keys (filtered by ``include``) as of the latest commit.
 
         Never shows part of a change. Raises CompactedError only if a change
         has been in flight for longer than etcd keeps history and it does not
-        complete within ``max_wait`` seconds.
+        complete within ``max_wait`` seconds. ``ranges``: read only these keys /
+        prefixes (an agent's watch scope), at one revision, instead of the whole prefix.
         """
+        if ranges is not None:
+            return await self._ranged_snapshot(list(ranges), include, max_wait)
         deadline = time.monotonic() + max_wait
         delay = 0.1
         while True:
@@ -100,6 +103,50 @@ class EtcdCommittedReader:
                 log.info("a change is in flight and revision %d is compacted; waiting for its commit", before)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    async def _ranged_snapshot(self, ranges: list[KeyRange], include: Include | None,
+                               max_wait: float) -> CommittedState:
+        """:meth:`committed_snapshot` over ``ranges`` only: ``commit`` and ``pending`` read in one
+        transaction at revision R; the ranges (and ``commit``) read at R when no change is in
+        flight, else just before ``pending`` was created."""
+        deadline = time.monotonic() + max_wait
+        delay = 0.1
+        while True:
+            commit_kvs, pending_kvs, latest = await self._markers()
+            at = latest if not pending_kvs else int(pending_kvs[0].create_revision) - 1
+            try:
+                kvs = list(commit_kvs) if not pending_kvs else await self._exact(L.COMMIT, at)
+                for r in ranges:
+                    kvs += await self._exact(r.rel, at) if not r.prefix else (await self.access.range(r.rel, at))[0]
+                return self._committed(kvs, at, include)
+            except CompactedError:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("revision %d is compacted; reading the committed state again", at)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _exact(self, rel: str, revision: int) -> list[Any]:
+        kvs, _ = await self.access.range(rel, revision)
+        return [kv for kv in kvs if self.layout.relative(bytes(kv.key)) == rel]
+
+    async def _markers(self) -> tuple[list[Any], list[Any], int]:
+        """``commit`` and ``pending`` (key-values, possibly empty) and the revision they were read at."""
+        access = self.access
+        resp = await access.call(
+            "read commit marker",
+            access.kv.txn(
+                [],
+                [
+                    KVService.txn_op_get(self.layout.key(L.COMMIT)),
+                    KVService.txn_op_get(self.layout.key(L.PENDING)),
+                ],
+                (),
+                timeout=access.config.timeout,
+            ),
+        )
+        return (list(resp.responses[0].response_range.kvs), list(resp.responses[1].response_range.kvs),
+                int(resp.header.revision))
 
     async def follow_commits(
         self,
@@ -184,25 +231,11 @@ class EtcdCommittedReader:
         committed-key event after it belongs to the in-flight change that
         created ``pending`` (if any), so resume just before that, else now.
         """
-        access = self.access
-        resp = await access.call(
-            "read commit marker",
-            access.kv.txn(
-                [],
-                [
-                    KVService.txn_op_get(self.layout.key(L.COMMIT)),
-                    KVService.txn_op_get(self.layout.key(L.PENDING)),
-                ],
-                (),
-                timeout=access.config.timeout,
-            ),
-        )
-        commit_kvs = resp.responses[0].response_range.kvs
-        pending_kvs = resp.responses[1].response_range.kvs
+        commit_kvs, pending_kvs, header_revision = await self._markers()
         commit_revision = int(commit_kvs[0].mod_revision) if commit_kvs else 0
         if commit_revision > position:
             raise exc
-        resume = int(pending_kvs[0].create_revision) - 1 if pending_kvs else int(resp.header.revision)
+        resume = int(pending_kvs[0].create_revision) - 1 if pending_kvs else header_revision
         if resume < position:
             raise exc
         log.info("history after %d was compacted but held no commit; resuming after %d", position, resume)

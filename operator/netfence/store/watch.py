@@ -23,9 +23,11 @@ drives the gRPC Watch stream itself:
 agent's watch scope, issue 11), each resuming from its own next revision, and
 sends progress requests (``WatchProgressRequest``) on demand: etcd answers one only once every
 watch on the stream has sent everything up to the answer's revision, which is
-what ``store/ranges.py`` needs to release a commit whole. (The deferral noted
-above concerns watches whose start revision is in the future; a reader asks
-for progress only about revisions it has already seen.)
+what ``store/ranges.py`` needs to release a commit whole. etcd drops (never
+answers) a request made while some watch on the stream is not synced, so an
+unanswered one is sent again (50 ms, doubling up to 1 s). (A reader asks for
+progress only about revisions it has already seen: no watch starts in the
+future then.)
 """
 
 from __future__ import annotations

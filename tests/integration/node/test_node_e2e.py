@@ -59,12 +59,16 @@ def sysctls() -> dict[str, str]:
 
 def leftovers(workdir: Path) -> list[str]:
     """What of the node is still on the machine once it is down."""
+
+    def names_workdir(text: str) -> bool:  # the node's folder, not a sibling such as node-images
+        return f"{workdir}/" in text or text.endswith(str(workdir)) or f"{workdir} " in text
+
     found = []
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     if NODE_NETNS in netns.split():
         found.append(f"netns {NODE_NETNS}")
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-              if str(workdir) in line.split()[4]]
+              if names_workdir(line.split()[4])]
     found += [f"mount {m}" for m in mounts]
     found += [f"cgroup {p}" for p in CGROUP_BASE.glob(f"*/{CGROUP_ROOT}")]
     for entry in Path("/proc").iterdir():
@@ -74,7 +78,7 @@ def leftovers(workdir: Path) -> list[str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if str(workdir) in cmdline:
+        if names_workdir(cmdline):
             found.append(f"process {entry.name}: {cmdline.strip()[:160]}")
     return found
 

@@ -132,3 +132,28 @@ async def test_a_quiet_range_does_not_hold_a_commit_back(make_store: MakeStore) 
     await stream.aclose()
     assert batch.commit_revision == revision
     assert set(batch.changes) == {"sets/only"} and batch.reports_relevant
+
+
+async def test_a_ranged_snapshot_is_the_full_snapshot_filtered(make_store: MakeStore) -> None:
+    """The agent's start-up snapshot reads only its ranges, at one revision, never half a change:
+    the same committed values as the whole-prefix snapshot, also while a change is in flight."""
+    writer = await make_store("writer")
+    reader = await make_store("reader")
+    rng = random.Random(5)
+    for j in range(GROUPS):
+        await writer.write(change(j, 1, rng), None)
+
+    def scoped(values: Mapping[str, bytes]) -> dict[str, bytes]:
+        return {k: v for k, v in values.items() if any(k.startswith(r.rel) for r in RANGES)}
+
+    full = await reader.committed_snapshot()
+    ranged = await reader.committed_snapshot(ranges=RANGES)
+    assert ranged.values == scoped(full.values) and ranged.values
+    assert ranged.commit_revision == full.commit_revision
+    # a change in flight: `pending` and an uncommitted policy, as the fenced writer leaves them mid-change
+    kv = writer.access.kv
+    await kv.put(writer.layout.key(L.PENDING), L.encode({"seq": 99}))
+    await kv.put(writer.layout.key("policies/ns/p0"), L.encode({"gen": 99}))
+    ranged = await reader.committed_snapshot(ranges=RANGES)
+    assert ranged.values == scoped(full.values), "a snapshot showed part of a change in flight"
+    assert ranged.commit_revision == full.commit_revision

@@ -28,8 +28,10 @@ NET = PeerSet("nabc", "net", {}, ("10.0.0.0/8",))
 NP = CompiledPolicy("x", "allow", "u", (CompiledRule(peers=("pabc",), ports=None),), None)
 
 
-def cnp(name: str, tier: str, priority: int, *rules: CompiledClusterRule, egress: bool = False) -> CompiledClusterPolicy:
-    return CompiledClusterPolicy(name, "u", tier, priority, () if egress else rules, rules if egress else ())  # type: ignore[arg-type]
+def cnp(name: str, tier: str, priority: int, *rules: CompiledClusterRule,
+        egress: bool = False) -> CompiledClusterPolicy:
+    return CompiledClusterPolicy(name, "u", tier, priority,  # type: ignore[arg-type]
+                                 () if egress else rules, rules if egress else ())
 
 
 def rule(action: str, peers: tuple[str, ...] | None = ("pabc",), ports: tuple[CompiledPort, ...] | None = None
@@ -42,7 +44,10 @@ def model(ep: Endpoint, *cnps: CompiledClusterPolicy, policies: tuple[CompiledPo
                      {c.name: c for c in cnps})
 
 
-def v4(m: NodeModel, features: Features = Features(ipv6=False)) -> dict[str, tuple[str, ...]]:
+V4_ONLY = Features(ipv6=False)
+
+
+def v4(m: NodeModel, features: Features = V4_ONLY) -> dict[str, tuple[str, ...]]:
     return dict(render(m, features=features).chains["v4"])
 
 
@@ -65,7 +70,8 @@ def test_admin_then_network_policy_then_drop() -> None:
     )
     src = set_name("v4", "pabc")
     assert chains[ci_deny] == (
-        f'-p tcp -m set --match-set {src} src -m tcp --dport 80 -m comment --comment "netfence cnp deny ingress rule 0 denied" -j DROP',
+        f"-p tcp -m set --match-set {src} src -m tcp --dport 80"
+        ' -m comment --comment "netfence cnp deny ingress rule 0 denied" -j DROP',
     )
     assert chains[ci_pass] == (f"-m set --match-set {src} src -g {CNP_PASS_CHAIN}",)
     assert chains[CNP_PASS_CHAIN] == ("-j MARK --set-xmark 0x20000/0x20000",)

@@ -111,7 +111,7 @@ FAIL_CLOSED = [
 def test_unsupported_parts_fail_closed(
     what: str, rule: Obj, direction: str, action: str, any_peer: bool, no_peer: bool, note: str
 ) -> None:
-    policy = cluster_policy_from_k8s(cnp("p", **{direction: [rule]}))
+    policy = cluster_policy_from_k8s(cnp("p", ingress=[rule]) if direction == "ingress" else cnp("p", egress=[rule]))
     (compiled,) = compile_cluster_policy(policy).compiled.rules(direction)
     assert compiled.action == action
     assert (compiled.match.peers is None) == any_peer
@@ -313,7 +313,8 @@ def cluster_step(data: st.DataObject, engine: ModelEngine, world: ClusterWorld) 
         step(data, engine, world)
 
 
-@settings(max_examples=50, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate], suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=50, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_engine_with_cluster_policies_equals_full_compile(data: st.DataObject) -> None:
     engine = ModelEngine()

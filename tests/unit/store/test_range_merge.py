@@ -90,9 +90,13 @@ class FakeWatch:
         self.script = list(items)
         self.answer = answer
         self.requested = 0
+        self.closed = False
 
     def request_progress(self) -> None:
         self.requested += 1
+
+    def close(self) -> None:
+        self.closed = True
 
     async def items(self) -> AsyncGenerator[RangeItem, None]:
         for item in self.script:
@@ -135,7 +139,7 @@ async def test_the_reader_asks_etcd_for_progress_before_delivering_a_commit() ->
     batch = await anext(stream)
     await stream.aclose()
     assert batch.commit_revision == 12 and set(batch.changes) == {"policies/app/b"}
-    assert batch.reports_relevant
+    assert batch.reports_relevant and watch.closed
     asked, after = access.asked[0]
     assert after == 11 and asked[:2] == [KeyRange(L.COMMIT, False), KeyRange(L.PENDING, False)]
     assert asked[2:] == ranges
