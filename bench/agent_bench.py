@@ -344,9 +344,8 @@ class Series:
 async def latency_base(bench: Bench) -> tuple[NodeModel, str, str]:
     """Commit the 1,000-policy model (if not yet there); (model, local policy key, local set id)."""
     model = model_of(1000)
-    revision, _, keys = await bench.commit(etcd_values(model))
-    if keys:
-        await bench.watch.wait(revision)
+    revision, _, _ = await bench.commit(etcd_values(model))
+    await bench.watch.wait(revision)  # also: the agent is done with its first apply
     key, sid = local_policy_and_set(model)
     return model, key, sid
 

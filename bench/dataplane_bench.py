@@ -17,8 +17,10 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from netfence.dataplane.apply import Dataplane
+from netfence.dataplane.incremental import IncrementalRenderer
 from netfence.dataplane.plan import plan
 from netfence.dataplane.render import Features, render
+from netfence.dataplane.ruleset import Ruleset
 from netfence.dataplane.runner import SubprocessRunner
 from netfence.model.enforcement import (
     CompiledPolicy,
@@ -103,13 +105,15 @@ def _row(label: str, samples: list[float]) -> str:
 
 
 def _timed_changes(
-    dp: Dataplane, base: NodeModel, change: Callable[[NodeModel, int], NodeModel], iterations: int, features: Features
+    dp: Dataplane, base: NodeModel, change: Callable[[NodeModel, int], NodeModel], iterations: int,
+    renderer: Callable[[NodeModel], Ruleset],
 ) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {"render": [], "plan": [], "apply (incl. plan)": [], "total": []}
+    renderer(base)
     for it in range(iterations):
         model = change(base, it)
         t0 = time.perf_counter()
-        desired = render(model, features=features)
+        desired = renderer(model)
         t1 = time.perf_counter()
         plan(dp.applied, desired)
         t2 = time.perf_counter()
@@ -161,26 +165,40 @@ def main() -> None:
             f"{(time.perf_counter() - t0) * 1000:.0f} ms"
         )
         for label, change in (("set-membership change", _membership_change), ("one-policy change", _policy_change)):
-            times = _timed_changes(dp, base, change, args.iterations, features)
+            modes: dict[str, Callable[[NodeModel], Ruleset]] = {
+                "full render (before)": lambda m: render(m, features=features),
+                "incremental": IncrementalRenderer(features).render,
+            }
             print(f"\n{label} x{args.iterations} (1,000 policies, 100 endpoints):")
-            for key, samples in times.items():
-                print(_row(key, samples))
+            totals = {}
+            for mode, renderer in modes.items():
+                times = _timed_changes(dp, base, change, args.iterations, renderer)
+                totals[mode] = times["total"]
+                print(f"  {mode}:")
+                for key, samples in times.items():
+                    print(_row(key, samples))
+            old, new = totals["full render (before)"], totals["incremental"]
+            print(f"  total ratio full/incremental: p50 {_pct(old, 0.5) / _pct(new, 0.5):.1f}x, "
+                  f"p99 {_pct(old, 0.99) / _pct(new, 0.99):.1f}x")
 
         big_n = 1000
         while render(synthetic_model(big_n), features=features).rule_count < 20000:
             big_n += 500
         big = render(synthetic_model(big_n), features=features)
         dp.apply(big)
-        full_times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            dp.repair()
-            full_times.append(time.perf_counter() - t0)
-        print(
-            f"\nFull resync ({big_n} policies, {big.rule_count} rules, {big.set_count} sets), "
-            f"incl. kernel read-before and read-back: "
-            f"median {statistics.median(full_times) * 1000:.0f} ms over {len(full_times)}"
-        )
+        print(f"\nFull resync ({big_n} policies, {big.rule_count} rules, {big.set_count} sets) on a kernel that"
+              " already holds them, incl. kernel read-before (and read-back when something was written):")
+        medians = {}
+        for rewrite_all, label in ((True, "rewrite everything (before)"), (False, "write what differs")):
+            dp.rewrite_all = rewrite_all
+            full_times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                dp.repair()
+                full_times.append(time.perf_counter() - t0)
+            medians[rewrite_all] = statistics.median(full_times)
+            print(f"  {label:<28} median {medians[rewrite_all] * 1000:.0f} ms over {len(full_times)}")
+        print(f"  ratio: {medians[True] / medians[False]:.1f}x")
         print("drift check at that size: ", end="")
         t0 = time.perf_counter()
         drift = dp.check_drift()

@@ -166,6 +166,7 @@ class Figures:
     deny_seen: list[float] = field(default_factory=list)  # policy create -> first denied probe
     allow_seen: list[float] = field(default_factory=list)  # policy create -> first probe through
     flapping: int = 0  # probes showing the old verdict after the new one was first seen
+    timeouts: int = 0  # steps that did not finish within --step-timeout (counted at the timeout)
     new_denied: list[NewPodSample] = field(default_factory=list)
     new_free: list[NewPodSample] = field(default_factory=list)
     setup: dict[str, float] = field(default_factory=dict)
@@ -200,6 +201,7 @@ def figures_json(f: Figures) -> dict[str, Any]:
         "policy_probe_deny": stats(f.deny_seen),
         "policy_probe_allow": stats(f.allow_seen),
         "policy_probe_flapping": f.flapping,
+        "step_timeouts": f.timeouts,
         "new_pod_denied": stats(denied),
         "new_pod_denied_p50_s": pct(denied, 0.5),
         "new_pod_denied_p99_s": pct(denied, 0.99),
@@ -240,7 +242,7 @@ def print_report(f: Figures) -> None:
     print(f"policy create -> probe verdict     {ms_summary(seen)}  {verdict(pct(seen, 0.99) < GOAL_P99)}")
     print(f"    deny appearing                 {ms_summary(f.deny_seen)}")
     print(f"    allow appearing                {ms_summary(f.allow_seen)}")
-    print(f"    probes with the old verdict after the new one: {f.flapping}")
+    print(f"    probes with the old verdict after the new one: {f.flapping}; steps timed out: {f.timeouts}")
     ok_denied = bool(denied) and pct(denied, 0.99) < GOAL_P99 and len(denied) == len(f.new_denied)
     print(f"new pod (deny selects it): IP set -> first denied probe  {ms_summary(denied)}  {verdict(ok_denied)}")
     print(f"    never denied: {j['new_pod_never_denied']} of {len(f.new_denied)}")
@@ -461,20 +463,34 @@ async def policy_cycle(bed: Bed, c: int) -> None:
             want = kind == "allow"
             t0 = time.monotonic()
             await net.create_namespaced_network_policy(PROBE_NS, body)
-            enforced = await bed.status.wait(functools.partial(bed.status.enforced_at, name, 0),
-                                             timeout, f"{name} Enforced")
-            await until(functools.partial(_settled_on, stream, t0, want), timeout,
-                        f"{kind} seen by probes {cli.key} -> {srv.key}")
+            try:
+                enforced = await bed.status.wait(functools.partial(bed.status.enforced_at, name, 0),
+                                                 timeout, f"{name} Enforced")
+            except TimeoutError as exc:  # counted at the timeout (a lower bound), not a reason to stop
+                log.warning("%s", exc)
+                bed.figures.timeouts += 1
+                enforced = t0 + timeout
+            seen = (bed.figures.allow_seen if want else bed.figures.deny_seen)
+            try:
+                await until(functools.partial(_settled_on, stream, t0, want), timeout,
+                            f"{kind} seen by probes {cli.key} -> {srv.key}")
+            except TimeoutError as exc:
+                log.warning("%s", exc)
+                bed.figures.timeouts += 1
             results = stream.snapshot()
             first = first_verdict(results, t0, want)
-            assert first is not None
             bed.figures.enforced.append(enforced - t0)
-            (bed.figures.allow_seen if want else bed.figures.deny_seen).append(first.start - t0)
-            bed.figures.flapping += flaps(results, first, want)
+            seen.append(timeout if first is None else first.start - t0)
+            if first is not None:
+                bed.figures.flapping += flaps(results, first, want)
         t_del = time.monotonic()
         for name in (f"allow-{c}", f"deny-{c}"):
             await net.delete_namespaced_network_policy(name, PROBE_NS)
-        await until(functools.partial(_settled_on, stream, t_del, True), timeout, f"{srv.key} open again")
+        try:
+            await until(functools.partial(_settled_on, stream, t_del, True), timeout, f"{srv.key} open again")
+        except TimeoutError as exc:
+            log.warning("%s", exc)
+            bed.figures.timeouts += 1
     finally:
         await stream.drain()
         bed.figures.probe_gap_s += stream.gaps()
@@ -596,7 +612,8 @@ async def measure(bed: Bed, mode: int) -> None:
     figures.load.append(f"end: {load_note()}")
 
 
-async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Figures]:
+async def run(args: argparse.Namespace, workdir: Path, out: dict[str, Figures]) -> None:
+    """Measure every mode into ``out`` (filled as the run goes: a run that fails keeps what it has)."""
     from kubernetes_asyncio import client
 
     from netfence_lab.cluster import LocalCluster
@@ -612,7 +629,6 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Figures]:
                  "free_pods": args.free_pods, "probe_interval_ms": round(args.probe_interval * 1e3),
                  "probe_timeout_ms": round(args.probe_timeout * 1e3)}
     setup: dict[str, float] = {}
-    out: dict[str, Figures] = {}
     start_load = load_note()
     t0 = time.monotonic()
     with LocalCluster(workdir / "cluster", ensure_tools()) as cluster:
@@ -657,13 +673,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Figures]:
                     figures.setup = {"agents restarted and synced": time.monotonic() - t3}
                 log.info("mode %s: agent flags %s", mode, " ".join(flags) or "(none)")
                 bed = Bed(env, status, Prober(), pool, args, servers, clients, figures)
-                await measure(bed, m)
                 out[mode] = figures
+                await measure(bed, m)
         finally:
             await status.stop()
             pool.shutdown(wait=False, cancel_futures=True)
             await env.close()
-    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -708,17 +723,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = [m for m in args.modes if m not in MODES]
     if unknown or not args.modes:
         raise SystemExit(f"e2e_bench: unknown modes {unknown}; known: {', '.join(MODES)}")
+    modes: dict[str, Figures] = {}
     try:
-        modes = asyncio.run(run(args, workdir))
+        asyncio.run(run(args, workdir, modes))
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    for mode, figures in modes.items():
-        print(f"\n=== mode {mode} ===")
-        print_report(figures)
-    if args.json:
-        args.json.write_text(json.dumps(modes_json(modes), indent=2) + "\n")
-        print(f"JSON written to {args.json}")
+        for mode, figures in modes.items():  # also what a failed or interrupted run measured
+            print(f"\n=== mode {mode} ===")
+            print_report(figures)
+        if args.json and modes:
+            args.json.write_text(json.dumps(modes_json(modes), indent=2) + "\n")
+            print(f"JSON written to {args.json}")
 
 
 if __name__ == "__main__":

@@ -257,6 +257,8 @@ def table_rows(figures: Mapping[str, Mapping[str, Any]], levels: Sequence[int]) 
     rows.append(("added latency per new connection vs no enforcer",
                  _num(nf.get("added_latency_us"), " us", 0), _num(peer.get("added_latency_us"), " us", 0),
                  _num(ratio(nf.get("added_latency_us"), peer.get("added_latency_us")), "x", 2)))
+    rows.append(("user-space CPU of the enforcer per new connection",
+                 _num(nf.get("cpu_us_per_conn"), " us", 0), _num(peer.get("cpu_us_per_conn"), " us", 0), "-"))
     rows.append(("CPU seconds per 100 policy writes",
                  _num(nf.get("cpu_per_100"), " s", 2), _num(peer.get("cpu_per_100"), " s", 2),
                  _num(ratio(nf.get("cpu_per_100"), peer.get("cpu_per_100")), "x", 2)))
@@ -626,7 +628,11 @@ async def measure_system(bed: Bed, name: str, pids: Callable[[], dict[str, int]]
     figures["label"] = await bed.label_cycles(s.label_changes)
     await settle()
     out(f"  {name}: connection rate ...")
+    before = cpu_of(pids().values())
     conns = await asyncio.to_thread(bed.connections)
+    made = conns["rate"]["connections"] + conns["sequential"]["connections"]
+    # user-space CPU of the enforcer's processes per new connection (the kernel's share is not counted)
+    figures["cpu_us_per_conn"] = round((cpu_of(pids().values()) - before) / made * 1e6, 1) if made else None
     figures["conn"] = conns
     figures["conn_rate"] = conns["rate"]["rate"]
     figures["conn_mean_us"] = conns["sequential"]["mean_us"]

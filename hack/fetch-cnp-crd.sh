@@ -19,7 +19,7 @@ version="$(awk '/sigs.k8s.io\/network-policy-api/ {print $NF; exit}' "$module_di
 source_path="config/crd/standard/policy.networking.k8s.io_clusternetworkpolicies.yaml"
 dest_dir="$cache/crds/network-policy-api-$version"
 dest="$dest_dir/clusternetworkpolicies.yaml"
-chart_copy="$here/../helm/netfence/files/clusternetworkpolicies.yaml"
+chart_copy="$here/../helm/netfence/files/vendor/clusternetworkpolicies.yaml"
 
 die() { echo "netfence: $*" >&2; exit 1; }
 

@@ -333,6 +333,8 @@ def test_controller_deployment(helm: Helm) -> None:
                             {"name": "metrics", "containerPort": 8082, "protocol": "TCP"}]  # test_helm_metrics.py
     assert ctr["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert ctr["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "liveness"}
+    assert ctr["startupProbe"]["httpGet"] == ctr["livenessProbe"]["httpGet"]
+    assert ctr["startupProbe"]["periodSeconds"] * ctr["startupProbe"]["failureThreshold"] >= 300
     assert {"name": "NETFENCE_LIVENESS_PORT", "value": "8081"} in ctr["env"]
     service = find(docs, "Service", "-controller")
     assert service["spec"]["selector"].items() <= labels.items()
@@ -376,6 +378,9 @@ def test_agent_daemonset(helm: Helm) -> None:
     assert args["--health-host"] == "127.0.0.1"
     assert ctr["ports"][0]["containerPort"] == port
     assert ctr["livenessProbe"]["httpGet"] == {"host": "127.0.0.1", "path": "/healthz", "port": "health"}
+    # a slow start (a loaded node) is never killed by liveness: up to 5 min of startup probe first
+    assert ctr["startupProbe"]["httpGet"] == ctr["livenessProbe"]["httpGet"]
+    assert ctr["startupProbe"]["periodSeconds"] * ctr["startupProbe"]["failureThreshold"] >= 300
     assert ctr["readinessProbe"]["httpGet"] == {"host": "127.0.0.1", "path": "/readyz", "port": "health"}
     sa = find(docs, "ServiceAccount", "-agent")
     assert sa["automountServiceAccountToken"] is False

@@ -1,6 +1,6 @@
 """The chart's ClusterNetworkPolicy CRD is the pinned network-policy-api module's, unmodified.
 
-hack/fetch-cnp-crd.sh --vendor writes helm/netfence/files/clusternetworkpolicies.yaml with a
+hack/fetch-cnp-crd.sh --vendor writes helm/netfence/files/vendor/clusternetworkpolicies.yaml with a
 header naming the module version and the sha256 of the upstream file; ``--check`` compares it
 with the module itself (needs the Go module proxy). Offline, this test checks the header against
 the body and against the version pinned in hack/tools/network-policy-api/go.mod, and that the
@@ -18,7 +18,7 @@ import yaml
 from netfence.model.cluster_policy import API_GROUP, API_VERSIONS, PLURAL
 
 REPO = Path(__file__).resolve().parents[2]
-CHART_COPY = REPO / "helm/netfence/files/clusternetworkpolicies.yaml"
+CHART_COPY = REPO / "helm/netfence/files/vendor/clusternetworkpolicies.yaml"
 GO_MOD = REPO / "hack/tools/network-policy-api/go.mod"
 
 

@@ -39,7 +39,7 @@ def register(sub: Subcommands) -> None:
              "node, no enforcement signal: each step probes until its tables hold or --timeout passes)",
     )
     run.add_argument(
-        "--ip-family", type=parse_mode, default=DEFAULT_MODE, metavar="|".join(MODES),
+        "--ip-family", choices=MODES, default=DEFAULT_MODE,
         help="probe over IPv4 (default), IPv6 (placeholders yield IPv6 addresses) or both (dual: every cell "
         "must hold over both families)",
     )
@@ -80,7 +80,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         results = asyncio.run(
             run_scenarios(items, cluster, workdir, default_nodes=args.nodes, timeout=args.timeout, out=out,
-                          ip_family=args.ip_family, enforcer=args.enforcer)
+                          ip_family=parse_mode(args.ip_family), enforcer=args.enforcer)
         )
     finally:
         cluster.stop()
