@@ -42,6 +42,9 @@ class FakeDataplane:
         self._gate = threading.Event()
         self._gate.set()
         self.entered = threading.Event()  # set when an apply has started (and is maybe held)
+        self.applying = False  # an apply is between its start and its return
+        self.drift_checks = 0
+        self.drift_checks_during_apply = 0  # a kernel read racing an apply (must stay 0)
 
     # -- test controls ---------------------------------------------------------------------
 
@@ -62,6 +65,13 @@ class FakeDataplane:
         self.hooks_ensured += 1
 
     def apply(self, desired: Ruleset) -> ApplyResult:
+        self.applying = True
+        try:
+            return self._apply(desired)
+        finally:
+            self.applying = False
+
+    def _apply(self, desired: Ruleset) -> ApplyResult:
         self.entered.set()
         if not self._gate.wait(timeout=10):
             raise TimeoutError("FakeDataplane held for more than 10s (release() missing?)")
@@ -81,6 +91,8 @@ class FakeDataplane:
         self._applied = None
 
     def check_drift(self) -> bool:
+        self.drift_checks += 1
+        self.drift_checks_during_apply += self.applying
         return self.drifted
 
     def read_state(self) -> KernelState:

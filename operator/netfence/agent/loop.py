@@ -116,6 +116,7 @@ class Agent:
         self._report_wake = asyncio.Event()
         self._lease_id: int | None = None
         self.retry_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # the apply retry's wait (tests)
+        self.resync_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # the drift check's period (tests)
 
     # --- main loop -----------------------------------------------------------
 
@@ -256,14 +257,17 @@ class Agent:
 
     async def _drift_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.resync_seconds)
-            if self.health.applies == 0 or self.health.last_error is not None:
-                continue  # nothing applied yet, or the retry loop is already re-applying
-            try:
-                drifted = await asyncio.to_thread(self.dataplane.check_drift)
-            except Exception as exc:
-                log.warning("drift check failed: %s", exc)
-                continue
+            await self.resync_sleep(self.config.resync_seconds)
+            # Under the apply lock: a kernel read between an apply's restore and its bookkeeping
+            # would see the new rules against the old record and "repair" a kernel that was right.
+            async with self._apply_lock:
+                if self.health.applies == 0 or self.health.last_error is not None:
+                    continue  # nothing applied yet, or the retry loop is already re-applying
+                try:
+                    drifted = await asyncio.to_thread(self.dataplane.check_drift)
+                except Exception as exc:
+                    log.warning("drift check failed: %s", exc)
+                    continue
             if drifted:
                 log.warning("netfilter state drifted from what was applied; repairing")
                 self.health.drift_repairs += 1

@@ -283,3 +283,32 @@ async def test_the_report_is_republished_on_a_new_lease_when_its_lease_is_lost()
         assert s.report() == {}
         await s.until(lambda: s.report().get("appliedRevision") == first)
         assert s.etcd.keys[f"status/nodes/{NODE}"].lease not in (0, lease)
+
+
+async def test_the_drift_check_never_reads_the_kernel_while_an_apply_runs() -> None:
+    """A read between an apply's restore and its bookkeeping would "repair" a kernel that was right."""
+    s = Setup()
+    periods: asyncio.Queue[None] = asyncio.Queue()
+
+    async def resync_sleep(_: float) -> None:
+        await periods.get()
+
+    s.agent.resync_sleep = resync_sleep
+    first = await s.commit(world(80))
+    async with running(s.agent):
+        await s.applied(first)
+        s.kernel.hold()
+        second = await s.commit({POLICY_KEY: raw(allow(81))})
+        await asyncio.to_thread(s.kernel.entered.wait, 5)  # the second apply runs, held
+        periods.put_nowait(None)  # the resync period ends now
+        async with asyncio.timeout(10):  # the drift check either waits for the apply or (wrongly) reads
+            # polled: a lock's waiters raise no event
+            while not (s.agent._apply_lock._waiters or s.kernel.drift_checks):  # type: ignore[attr-defined]  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        s.kernel.release()
+        await s.applied(second)
+        async with asyncio.timeout(10):
+            while not s.kernel.drift_checks:  # noqa: ASYNC110 (the fake's check counter raises no event)
+                await asyncio.sleep(0.01)
+    assert s.kernel.drift_checks_during_apply == 0
+    assert s.agent.health.drift_repairs == 0
