@@ -110,7 +110,8 @@ class NetfenceEnv:
 
     # --- lifecycle ---------------------------------------------------------------
 
-    async def start(self, controllers: int = 1) -> NetfenceEnv:
+    async def start_bed(self) -> tuple[Fabric, Kubelet]:
+        """The API client, the fabric and the kubelet: what every enforcer's bed needs (no nodes yet)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.api = await config.new_client_from_config(config_file=str(self.cluster.kubeconfig))
         if self.ip_families not in IP_FAMILY_CHOICES:
@@ -121,9 +122,13 @@ class NetfenceEnv:
         else:
             self.fabric = Fabric(workdir=self.workdir / "fabric", pod_cidr=self.pod_cidr, pod_cidr6=pod_cidr6)
         self.kubelet = Kubelet(self.api, self.fabric, ipv6_primary=self.ip_families[0] == "ipv6")
+        return self.fabric, self.kubelet
+
+    async def start(self, controllers: int = 1) -> NetfenceEnv:
+        _, kubelet = await self.start_bed()
         try:
             for index in range(self.nodes):
-                await self.kubelet.add_node(index)
+                await kubelet.add_node(index)
                 self.start_agent(index)
             for n in range(controllers):
                 self.start_controller(f"controller-{n}")

@@ -15,11 +15,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kubernetes_asyncio import config
-
 from netfence_lab.env import EnforcementTimeout, NetfenceEnv
-from netfence_lab.fabric import Fabric, node_pod_cidr6
-from netfence_lab.kubelet import Kubelet
 from netfence_lab.peer import TOOL, PeerNode, PeerNodes, netns_run
 from netfence_lab.process import ManagedProcess
 
@@ -35,22 +31,14 @@ class PeerEnv(NetfenceEnv):
 
     async def start(self, controllers: int = 0) -> PeerEnv:
         """Nodes, then one peer per node; ``controllers`` is ignored (no Netfence runs)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.api = await config.new_client_from_config(config_file=str(self.cluster.kubeconfig))
-        pod_cidr6 = node_pod_cidr6 if self.dual_stack else None
-        if self.pod_cidr is None:
-            self.fabric = Fabric(workdir=self.workdir / "fabric", pod_cidr6=pod_cidr6)
-        else:
-            self.fabric = Fabric(workdir=self.workdir / "fabric", pod_cidr=self.pod_cidr, pod_cidr6=pod_cidr6)
-        self.kubelet = Kubelet(self.api, self.fabric, ipv6_primary=self.ip_families[0] == "ipv6")
+        fabric, kubelet = await self.start_bed()
         try:
             for index in range(self.nodes):
-                await self.kubelet.add_node(index)
+                await kubelet.add_node(index)
             self.peers = PeerNodes(self.api, self.cluster.apiserver.port, self.cluster.apiserver.pki.ca_cert,
                                    self.workdir, python=sys.executable)
             await self.peers.start([
-                PeerNode(self.kubelet.nodes[i], self.fabric.node(i).netns, self.fabric.node(i).pod_cidr,
-                         self.fabric.node(i).pod_cidr6)
+                PeerNode(kubelet.nodes[i], fabric.node(i).netns, fabric.node(i).pod_cidr, fabric.node(i).pod_cidr6)
                 for i in range(self.nodes)
             ])
         except BaseException:

@@ -102,7 +102,12 @@ class KubeApi:
         while True:
             resp = await call(_preload_content=False, limit=2000, _continue=token,
                               _request_timeout=LIST_PAGE_TIMEOUT, **kwargs)
-            data = json.loads(await resp.read())
+            body = await resp.read()
+            if not 200 <= resp.status <= 299:
+                # _preload_content=False leaves the status check to us: a 404 for a kind whose CRD is
+                # not installed answers "404 page not found", which is not JSON.
+                raise ApiException(status=resp.status, reason=body[:200].decode(errors="replace").strip())
+            data = json.loads(body)
             kind = str(data.get("kind", "")).removesuffix("List")
             version = data.get("apiVersion", "v1")
             meta = data.get("metadata", {})

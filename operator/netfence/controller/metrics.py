@@ -20,6 +20,7 @@ code stays as it is apart from thin hooks:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -103,6 +104,18 @@ class ControllerMetrics:
         runtime.store.txn_listeners.append(self.own_transaction)
         runtime.syncer.on_commit.append(self.on_commit)
         runtime.status.on_status.append(self.status_computed)
+
+    def unbind(self, runtime: ControllerRuntime) -> None:
+        """Stop following ``runtime`` (its start-up failed; the next attempt binds a new one)."""
+        if self.runtime is not runtime:
+            return
+        self.runtime = None
+        with contextlib.suppress(ValueError):
+            runtime.store.txn_listeners.remove(self.own_transaction)
+        with contextlib.suppress(ValueError):
+            runtime.syncer.on_commit.remove(self.on_commit)
+        with contextlib.suppress(ValueError):
+            runtime.status.on_status.remove(self.status_computed)
 
     def _fence(self) -> Fence | None:
         """The current leadership term (None while not leading)."""

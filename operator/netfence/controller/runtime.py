@@ -88,7 +88,13 @@ class ControllerRuntime:
                       metrics=metrics if metrics is not None else ControllerMetrics())
         runtime.metrics.bind(runtime)
         # The world must be complete before this controller may write: list it all first.
-        await runtime.full_resync()
+        try:
+            await runtime.full_resync()
+        except BaseException:
+            # Kopf retries the start-up: leave nothing bound or open for the next attempt.
+            runtime.metrics.unbind(runtime)
+            await runtime.stop()
+            raise
         election.on_elected = runtime._on_elected
         election.on_lost = runtime._on_lost
         runtime.tasks = [

@@ -337,3 +337,13 @@ async def test_metrics_are_served_over_http_on_their_own_port() -> None:
             assert "netfence_controller_commits_total 3.0" in await resp.text()
     async with metrics_server(metrics.registry, "127.0.0.1", 0) as served:
         assert served is None  # port 0: no server
+
+
+def test_after_a_failed_start_the_metrics_can_follow_the_next_runtime() -> None:
+    """Kopf retries a failed start-up with the same metrics (memo): unbinding makes that possible."""
+    b = bed()
+    b.metrics.unbind(b.runtime)
+    assert b.metrics.runtime is None
+    assert b.metrics.own_transaction not in b.runtime.store.txn_listeners
+    b.metrics.bind(b.runtime)  # no "already follow" error
+    assert b.metrics.runtime is b.runtime
