@@ -158,7 +158,7 @@ def test_clusterpolicystatus_with_status_subresource(cluster: LocalCluster) -> N
         "kind": "ClusterPolicyStatus",
         "metadata": {"name": name},
         "spec": {"policy": {"namespace": "cp-ns", "name": "allow-web", "uid": "u-1"},
-                 "policyRef": "cp-ns/allow-web", "generation": 1},
+                 "policyRef": "cp-ns/allow-web", "generation": 1, "kind": "NetworkPolicy"},
         "status": {"phase": "Enforced"},  # ignored on create: status is a subresource
     }
     cluster.kubectl("create", "-f", "-", input=json.dumps(obj))
@@ -183,8 +183,8 @@ def test_clusterpolicystatus_with_status_subresource(cluster: LocalCluster) -> N
         assert got["status"] == status
 
         table = cluster.kubectl("get", "policystatus").stdout.splitlines()
-        assert table[0].split() == ["NAME", "POLICY", "PHASE", "SYNCED", "ENDPOINTS", "AGE"]
-        assert table[1].split()[:5] == [name, "cp-ns/allow-web", "Pending", "1/2", "3"]
+        assert table[0].split() == ["NAME", "KIND", "POLICY", "PHASE", "SYNCED", "ENDPOINTS", "AGE"]
+        assert table[1].split()[:6] == [name, "NetworkPolicy", "cp-ns/allow-web", "Pending", "1/2", "3"]
         wide = cluster.kubectl("get", "policystatus", "-o", "wide").stdout.splitlines()
         # -o wide adds the Ready condition's reason and message (not an internal revision).
         assert wide[0].split()[-2:] == ["REASON", "MESSAGE"] and "REVISION" not in wide[0].split()
