@@ -155,16 +155,18 @@ async def test_status_writes_follow_relevant_changes_not_events(env: NetfenceEnv
 async def test_kubectl_get_policystatus_columns(env: NetfenceEnv) -> None:
     result = await asyncio.to_thread(env.cluster.kubectl, "get", "policystatus")
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "POLICY", "PHASE", "SYNCED", "ENDPOINTS", "AGE"], lines[0]
+    assert lines[0].split() == ["NAME", "KIND", "POLICY", "PHASE", "SYNCED", "ENDPOINTS", "AGE"], lines[0]
     rows = {cells[0]: cells for cells in (line.split() for line in lines[1:])}
-    assert rows[f"{NS}.p03"][1:5] == [f"{NS}/p03", "Enforced", "2/2", "4"]  # tier=stable: pods on both nodes
-    assert rows[f"{NS}.p02"][1:5] == [f"{NS}/p02", "Enforced", "1/1", "1"]
-    assert rows[f"{NS}.p00"][1:5] == [f"{NS}/p00", "Enforced", "0/0", "0"]
+    # p03 (tier=stable) has pods on both nodes
+    assert rows[f"{NS}.p03"][1:6] == ["NetworkPolicy", f"{NS}/p03", "Enforced", "2/2", "4"]
+    assert rows[f"{NS}.p02"][1:6] == ["NetworkPolicy", f"{NS}/p02", "Enforced", "1/1", "1"]
+    assert rows[f"{NS}.p00"][1:6] == ["NetworkPolicy", f"{NS}/p00", "Enforced", "0/0", "0"]
     assert all(f"{NS}.p{i:02d}" in rows for i in range(POLICIES))
     wide = await asyncio.to_thread(env.cluster.kubectl, "get", "cps", f"{NS}.p03", "-o", "wide")
     header, row = wide.stdout.splitlines()
     # -o wide adds the Ready condition's reason and headline, not an internal revision
-    assert header.split() == ["NAME", "POLICY", "PHASE", "SYNCED", "ENDPOINTS", "AGE", "REASON", "MESSAGE"], header
+    assert header.split() == ["NAME", "KIND", "POLICY", "PHASE", "SYNCED", "ENDPOINTS", "AGE", "REASON", "MESSAGE"], \
+        header
     assert row[header.index("REASON"):].split() == ["AllNodesSynced", "enforced", "on", "2/2", "nodes"], row
 
 

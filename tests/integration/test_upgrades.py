@@ -557,10 +557,10 @@ async def test_layout_migration_waits_for_every_agent(env: NetfenceEnv) -> None:
                 switched = await rec.wait_for(
                     lambda e: e.changes.get("meta/schema") is not None
                     and json.loads(e.changes["meta/schema"] or b"{}")["schema"] == 2,
-                    timeout=30, what="meta/schema = 2")
+                    timeout=60, what="meta/schema = 2")
                 cleaned = await rec.wait_for(
                     lambda e: any(k.startswith("sets/") and v is None for k, v in e.changes.items()),
-                    timeout=30, what="the schema 1 sets to be removed")
+                    timeout=60, what="the schema 1 sets to be removed")
                 await probes.rounds(2)  # probes after the migration
                 # Under schema 2 a membership change rewrites one chunk, and is enforced.
                 world.mark(await env.label("Pod", "bad1", {"role": "good"}, namespace=world.ns))
