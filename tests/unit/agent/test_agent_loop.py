@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import pytest
+from tests.fakes.agent import running
 from tests.fakes.dataplane import FakeDataplane
 from tests.fakes.store import FakeStore, MemoryEtcd
 
@@ -80,16 +81,6 @@ class Setup:
         """Until the agent has applied ``revision`` and reported it."""
         await self.until(lambda: self.agent.health.applied_revision == revision
                          and self.report().get("appliedRevision") == revision)
-
-
-@contextlib.asynccontextmanager
-async def running(agent: Agent) -> AsyncIterator[None]:
-    task = asyncio.create_task(agent.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 # --- coalescing: the pure part --------------------------------------------------------------------

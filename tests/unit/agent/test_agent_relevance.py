@@ -4,12 +4,11 @@ old-controller gate, and the watch scope (what an agent receives at all)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
+from tests.fakes.agent import running
 from tests.fakes.dataplane import FakeDataplane
 from tests.fakes.store import FakeStore, MemoryEtcd
 
@@ -79,16 +78,6 @@ class Setup:
 
     async def reported(self, revision: int) -> None:
         await self.until(lambda: self.report().get("appliedRevision") == revision)
-
-
-@contextlib.asynccontextmanager
-async def running(agent: Agent) -> AsyncIterator[None]:
-    task = asyncio.create_task(agent.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_commit_that_does_not_touch_the_node_is_neither_applied_nor_reported() -> None:
