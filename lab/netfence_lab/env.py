@@ -114,6 +114,9 @@ class NetfenceEnv:
         """The API client, the fabric and the kubelet: what every enforcer's bed needs (no nodes yet)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.api = await config.new_client_from_config(config_file=str(self.cluster.kubeconfig))
+        # A bed starts with no pods: sweep those an earlier test left behind (it may have crashed
+        # before its teardown), so that they are not endpoints on nodes this bed has no agent for.
+        await delete_orphan_pods(client.CoreV1Api(self.api))
         if self.ip_families not in IP_FAMILY_CHOICES:
             raise ValueError(f"ip_families {self.ip_families}: expected one of {IP_FAMILY_CHOICES}")
         pod_cidr6 = node_pod_cidr6 if self.dual_stack else None
@@ -463,6 +466,7 @@ class NetfenceEnv:
                 )
         for handle in list(self.kubelet.pods.values()):
             await self.kubelet.delete_pod(handle.namespace, handle.name)
+        await delete_orphan_pods(core)
         for ns in (await core.list_namespace()).items:
             if ns.metadata.name in SYSTEM_NAMESPACES:
                 continue
@@ -491,6 +495,21 @@ def _refers_to_pod(values: Mapping[str, bytes], namespace: str, name: str, ip: s
             if any(m == ip or m.startswith(ip + ",") for m in members):
                 return True
     return False
+
+
+async def delete_orphan_pods(core: client.CoreV1Api) -> None:
+    """Delete, at once, every pod outside the system namespaces that no kubelet of ours runs.
+
+    Tests that write pods straight to the API (bound to nodes without a kubelet) leave pods that
+    no kubelet ever confirms deleted, and finalizing their namespace does not remove them (no
+    namespace controller runs here). Left behind, they are endpoints on nodes without an agent
+    for every later test in the same cluster, e.g. holding the layout migration gate closed.
+    """
+    for pod in (await core.list_pod_for_all_namespaces()).items:
+        if pod.metadata.namespace in ("kube-system", "kube-public", "kube-node-lease"):
+            continue
+        with contextlib.suppress(ApiException):  # already gone
+            await core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0)
 
 
 async def finalize_namespace(core: client.CoreV1Api, name: str) -> None:

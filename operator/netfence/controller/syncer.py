@@ -47,6 +47,7 @@ from netfence.store.migration import (
     decide_schema,
     exclusive_to,
     logical_key,
+    migration_holders,
     physical,
     physical_state,
     report_schemas,
@@ -107,6 +108,7 @@ class EtcdSyncer:
         self.schema = 1  # the layout in etcd (meta/schema), as of the last reconcile or commit
         self.agent_schemas: dict[str, frozenset[int]] = {}  # live node reports: node -> schemas read
         self.migrations: list[tuple[int, int, int]] = []  # (from, to, revision), for tests and logs
+        self._gate_held: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # last logged by _log_gate
         self._stored_sets: dict[str, dict[str, bytes]] = {}  # schema >= 2: set key -> its stored keys
         # Foreign writes (see the module docstring).
         self._own_revisions: set[int] = set()  # revisions of our transactions not yet seen by the watch
@@ -139,7 +141,22 @@ class EtcdSyncer:
         if self.target_schema == 1 and self.schema == 1:
             return 1
         required = required_nodes(self.engine.desired()) if self.schema < self.target_schema else None
-        return decide_schema(self.target_schema, self.schema, self.agent_schemas, required)
+        wanted = decide_schema(self.target_schema, self.schema, self.agent_schemas, required)
+        self._log_gate(wanted, required)
+        return wanted
+
+    def _log_gate(self, wanted: int, required: set[str] | None) -> None:
+        """Say once (per change) which nodes keep the layout below the target schema."""
+        held = None
+        if wanted < self.target_schema:
+            held = migration_holders(self.target_schema, self.agent_schemas, required)
+        if held != self._gate_held:
+            self._gate_held = held
+            if held is not None:
+                old, absent = held
+                log.info("etcd layout stays at schema %d (target %d): agents that cannot read it on %s; "
+                         "endpoints on nodes without a live agent report: %s", wanted, self.target_schema,
+                         ", ".join(old) or "none", ", ".join(absent) or "none")
 
     async def run(self) -> None:
         watcher = asyncio.create_task(self.watch_own_keys(), name="own-keys-watch")

@@ -161,6 +161,16 @@ def decide_schema(
     return ceiling
 
 
+def migration_holders(
+    target: int, supported: Mapping[str, Collection[int]], required_nodes: Iterable[str] | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What keeps the layout below ``target``: (nodes whose live agent cannot read it, nodes
+    that host endpoints but have no live agent report), each sorted. For the controller's log."""
+    old = tuple(sorted(node for node, schemas in supported.items() if target not in schemas))
+    absent = tuple(sorted(set(required_nodes or ()) - set(supported)))
+    return old, absent
+
+
 def required_nodes(keys: Iterable[str]) -> set[str]:
     """Nodes that host an endpoint, from logical (or stored) keys."""
     nodes = set()

@@ -140,6 +140,12 @@ def test_decide_schema(
     assert M.decide_schema(target, stored, supported, required) == expected
 
 
+def test_migration_holders_names_old_agents_and_nodes_without_one() -> None:
+    assert M.migration_holders(2, {"b": OLD, "a": NEW, "c": OLD}, {"a", "d", "c"}) == (("b", "c"), ("d",))
+    assert M.migration_holders(2, {"a": NEW}, None) == ((), ())
+    assert M.migration_holders(2, {"a": NEW}, {"a"}) == ((), ())
+
+
 # --- agent side ---------------------------------------------------------------------------
 
 
@@ -284,7 +290,8 @@ def _decoded(etcd: MemoryEtcd) -> Any:
     return state.model()
 
 
-async def test_syncer_migrates_only_through_the_gate_and_writes_chunks() -> None:
+async def test_syncer_migrates_only_through_the_gate_and_writes_chunks(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="netfence.controller.syncer")
     engine, etcd = _engine(1000), MemoryEtcd()
     store = FakeStore(etcd, "controller")  # the shared in-memory store (tests/fakes/store.py)
     syncer = EtcdSyncer(engine, store, FakeLeadership(etcd.elect("controller")), observed=dict, coalesce_seconds=0,
@@ -303,6 +310,9 @@ async def test_syncer_migrates_only_through_the_gate_and_writes_chunks() -> None
         syncer.set_agent_report("n2", None)  # n2 restarts: it hosts endpoints, so no migration yet
         await settle(etcd)
         assert syncer.schema == 1 and len(etcd.changes_written) == writes
+        held = [r.getMessage() for r in caplog.records if "stays at schema" in r.getMessage()]
+        assert held[0].endswith("cannot read it on n2; endpoints on nodes without a live agent report: none")
+        assert held[-1].endswith("cannot read it on none; endpoints on nodes without a live agent report: n2")
         syncer.set_agent_report("n2", {"schemaSupported": [1, 2]})  # ... and comes back new: migrate
         await settle(etcd)
         switch, cleanup = etcd.changes_written[writes:]
