@@ -333,12 +333,14 @@ class LightState(NodeState):
         self.lazy = LazyPolicies()
         self.policies = self.lazy  # type: ignore[assignment]
         self.endpoints = {}
+        self._uses = None
         self.update(values)
 
     def update(self, changes: Mapping[str, bytes | None]) -> None:
         mine = f"endpoints/{self.node}/"
         for key, raw in changes.items():
             self.foreign.pop(key, None)
+            self._references_changed(key)
             if key.startswith("policies/"):
                 self.lazy.set(key.removeprefix("policies/"), raw)
             elif key.startswith(mine):

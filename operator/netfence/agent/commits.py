@@ -22,10 +22,10 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from netfence.model.enforcement import CompiledPolicy, Endpoint
-from netfence.model.relevance import Kind, NodeUses, commit_relevant, node_uses
+from netfence.model.relevance import NodeUses, commit_relevant
 from netfence.store import layout as L
 from netfence.store.ranges import KeyRange
 from netfence.store.tasks import cancel_and_wait
@@ -101,6 +101,10 @@ class NodeView(Protocol):
 
     def bad_keys(self) -> dict[str, str]: ...
 
+    def uses(self) -> NodeUses:
+        """What the node's rules refer to now (model/relevance.py ``node_uses``)."""
+        ...
+
 
 class Action(Enum):
     APPLY = "apply"  # the group changed this node's rules (or its bad keys): render, apply, report
@@ -112,15 +116,6 @@ class Action(Enum):
 class Outcome:
     action: Action
     revision: int  # the last commit of the group (the state now reflects it)
-
-
-def uses_of(state: NodeView) -> NodeUses:
-    """What the node's rules refer to now (model/relevance.py)."""
-    policies: dict[Kind, Mapping[str, Any]] = {"policy": state.policies}
-    cluster = getattr(state, "cluster_policies", None)  # ClusterNetworkPolicies, once NodeState holds them
-    if isinstance(cluster, Mapping):
-        policies["clusterpolicy"] = cluster
-    return node_uses(state.node, state.endpoints.values(), policies)
 
 
 def absorb(state: NodeView, group: Sequence[CommitBatch], revision: int, *, every_commit: bool) -> Outcome:
@@ -143,9 +138,9 @@ def absorb(state: NodeView, group: Sequence[CommitBatch], revision: int, *, ever
         if action is Action.APPLY:
             state.update(batch.changes)
             continue
-        before = uses_of(state) if batch.changes else None
+        before = state.uses() if batch.changes else None
         state.update(batch.changes)
-        if before is not None and commit_relevant(batch.changes, before, uses_of(state)):
+        if before is not None and commit_relevant(batch.changes, before, state.uses()):
             action = Action.APPLY
         elif not batch.reports_relevant:
             action = Action.REPORT

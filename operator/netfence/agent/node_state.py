@@ -15,9 +15,13 @@ from netfence.model.enforcement import (
     NodeModel,
     PeerSet,
 )
+from netfence.model.relevance import NodeUses, node_uses
 from netfence.store.migration import META_SCHEMA, SCHEMAS, SchemaError, assemble_set, parse_set_key, stored_schema
 
 log = logging.getLogger(__name__)
+
+#: Key prefixes whose values :meth:`NodeState.uses` reads (own endpoints are under endpoints/).
+USES_SOURCES = ("policies/", "cpolicies/", "endpoints/")
 
 
 class NodeState:
@@ -41,11 +45,25 @@ class NodeState:
         self.endpoints: dict[str, Endpoint] = {}
         self.decode_errors: dict[str, str] = {}
         self.foreign: dict[str, int] = {}  # key -> revision of a foreign write (not applied)
+        self._uses: NodeUses | None = None  # cache of uses(); dropped when a key it reads from changes
 
     def wants(self, key: str) -> bool:
         if self.max_schema >= 2 and (key == META_SCHEMA or key.startswith("sets2/")):
             return True
         return key.startswith(("policies/", "cpolicies/", "sets/", f"endpoints/{self.node}/"))
+
+    def uses(self) -> NodeUses:
+        """What this node's rules refer to now (model/relevance.py). Cached: only a change of one of
+        the node's endpoints or of a policy (of any kind) can change it, and a commit of set
+        members only (the common one) then costs nothing here."""
+        if self._uses is None:
+            self._uses = node_uses(self.node, self.endpoints.values(),
+                                   {"policy": self.policies, "clusterpolicy": self.cluster_policies})
+        return self._uses
+
+    def _references_changed(self, key: str) -> None:
+        if key.startswith(USES_SOURCES):
+            self._uses = None
 
     def reset(
         self,
@@ -91,6 +109,7 @@ class NodeState:
         for key, raw in changes.items():
             if not self.wants(key):
                 continue
+            self._references_changed(key)
             self.foreign.pop(key, None)  # a committed value (or deletion) supersedes a foreign write
             if raw is None:
                 self._drop(key)
@@ -98,6 +117,7 @@ class NodeState:
                 self._decode(key, raw)
 
     def _drop(self, key: str) -> None:
+        self._references_changed(key)
         self.decode_errors.pop(key, None)
         kind, _, rest = key.partition("/")
         if kind in ("meta", "sets2"):

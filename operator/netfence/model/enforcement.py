@@ -168,6 +168,7 @@ class CompiledPolicy:
     uid: str
     ingress: tuple[CompiledRule, ...] | None
     egress: tuple[CompiledRule, ...] | None
+    _set_ids: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def key(self) -> str:
@@ -180,12 +181,16 @@ class CompiledPolicy:
 
     @property
     def set_ids(self) -> frozenset[str]:
-        ids: set[str] = set()
-        for rules in (self.ingress or (), self.egress or ()):
-            for rule in rules:
-                ids.update(rule.peers or ())
-                ids.update(p.named_set for p in rule.ports or () if p.named_set)
-        return frozenset(ids)
+        """The peer and named-port sets the rules reference (computed once: relevance asks often)."""
+        if self._set_ids is None:
+            ids: set[str] = set()
+            for rules in (self.ingress or (), self.egress or ()):
+                for rule in rules:
+                    ids.update(rule.peers or ())
+                    ids.update(p.named_set for p in rule.ports or () if p.named_set)
+            object.__setattr__(self, "_set_ids", frozenset(ids))
+        assert self._set_ids is not None
+        return self._set_ids
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -333,6 +338,7 @@ class CompiledClusterPolicy:
     priority: int
     ingress: tuple[CompiledClusterRule, ...]
     egress: tuple[CompiledClusterRule, ...]
+    _set_ids: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def key(self) -> str:
@@ -343,11 +349,15 @@ class CompiledClusterPolicy:
 
     @property
     def set_ids(self) -> frozenset[str]:
-        ids: set[str] = set()
-        for rule in (*self.ingress, *self.egress):
-            ids.update(rule.match.peers or ())
-            ids.update(p.named_set for p in rule.match.ports or () if p.named_set)
-        return frozenset(ids)
+        """The peer and named-port sets the rules reference (computed once)."""
+        if self._set_ids is None:
+            ids: set[str] = set()
+            for rule in (*self.ingress, *self.egress):
+                ids.update(rule.match.peers or ())
+                ids.update(p.named_set for p in rule.match.ports or () if p.named_set)
+            object.__setattr__(self, "_set_ids", frozenset(ids))
+        assert self._set_ids is not None
+        return self._set_ids
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.fakes.agent import running
 from tests.fakes.dataplane import FakeDataplane
 from tests.fakes.store import FakeStore, MemoryEtcd
@@ -18,6 +20,7 @@ from netfence.agent.node_state import NodeState
 from netfence.config import AgentConfig
 from netfence.dataplane.render import Features
 from netfence.model.enforcement import CompiledPolicy, CompiledPort, CompiledRule, Endpoint, PeerSet
+from netfence.model.relevance import node_uses
 from netfence.store import layout as L
 from netfence.store.types import CommitBatch
 
@@ -213,3 +216,39 @@ def test_node_ranges_cover_what_the_node_state_reads() -> None:
     for key in unwanted:
         assert not covered(key) and not state.wants(key), key
     assert not any(r.rel.startswith("sets2") or r.rel == "meta/schema" for r in node_ranges(NODE, max_schema=1))
+
+
+# --- the cached uses: always what a fresh computation gives ---------------------------------
+
+_CHOICES: list[tuple[str, bytes | None]] = [
+    ("policies/app/allow", raw(policy("allow", CLIENTS))),
+    ("policies/app/allow", raw(policy("allow", ADMINS))),
+    ("policies/app/allow", None),
+    ("policies/app/other", raw(policy("other", CLIENTS))),
+    ("policies/app/other", None),
+    (f"endpoints/{NODE}/app/web", raw(WEB)),
+    (f"endpoints/{NODE}/app/web", raw(Endpoint(NODE, "app", "web", ("10.244.1.10",), ("app/other",), ()))),
+    (f"endpoints/{NODE}/app/web", None),
+    (f"endpoints/{NODE}/app/web", b"{not json"),
+    (f"sets/{CLIENTS.id}", raw(CLIENTS)),
+    (f"sets/{CLIENTS.id}", None),
+    (f"endpoints/{OTHER}/app/db", raw(DB)),
+]
+
+
+@given(st.lists(st.lists(st.sampled_from(range(len(_CHOICES))), max_size=4), max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_cached_uses_match_a_fresh_computation(commits: list[list[int]]) -> None:
+    """NodeState.uses() is cached (a membership commit must not recompute it): after any sequence
+    of commits, resets included, it equals node_uses over the state as it is."""
+    state = NodeState(NODE)
+    state.reset(world())
+    for indexes in commits:
+        state.uses()  # fill the cache before each commit, as absorb does
+        if indexes == [0, 0]:
+            state.reset(world())
+        else:
+            state.update(dict(_CHOICES[i] for i in indexes))
+        fresh = node_uses(NODE, state.endpoints.values(),
+                          {"policy": state.policies, "clusterpolicy": state.cluster_policies})
+        assert state.uses() == fresh
