@@ -65,7 +65,8 @@ class ControllerConfig:
     kubeconfig: Path | None = None
     lease_ttl: int = 5
     coalesce_seconds: float = 0.02
-    status_interval: float = 0.2
+    status_interval: float = 0.2  # a status other than Enforced is written once it held this long
+    status_settle: float = 0.02  # wait after a wake-up for the rest of a burst of reports
     status_concurrency: int = 16  # ClusterPolicyStatus objects written at once
     baseline_status: bool = False  # benchmarks only: every node report re-evaluates every policy (pre-issue 11)
     reconcile_seconds: float = 60.0
@@ -87,6 +88,8 @@ class ControllerConfig:
             raise ConfigError("coalesce window must not be negative")
         if self.status_interval <= 0:
             raise ConfigError("status interval must be positive")
+        if not 0 <= self.status_settle <= self.status_interval:
+            raise ConfigError("status settle window must be between 0 and the status interval")
         if not 1 <= self.status_concurrency <= 1024:
             raise ConfigError(f"status concurrency {self.status_concurrency}: expected 1-1024")
         if self.reconcile_seconds <= 0:
@@ -243,7 +246,11 @@ def controller_parser(env: Mapping[str, str] | None = None) -> argparse.Argument
     opt.add("--identity", "IDENTITY", None, "this replica's name in the leader election (default: host name)")
     opt.add("--lease-ttl", "LEASE_TTL", "5", "TTL in seconds of the leader lease")
     opt.add("--coalesce-ms", "COALESCE_MS", "20", "changes arriving within this window are written together")
-    opt.add("--status-interval-ms", "STATUS_INTERVAL_MS", "200", "period of ClusterPolicyStatus updates")
+    opt.add("--status-interval-ms", "STATUS_INTERVAL_MS", "200",
+            "a ClusterPolicyStatus that is not Enforced (a change still spreading, progress) is written once "
+            "it held this long, so at most once per interval; Enforced is written at once")
+    opt.add("--status-settle-ms", "STATUS_SETTLE_MS", "20",
+            "after node reports arrive, wait this long for the rest of the burst before a status pass")
     opt.add("--status-concurrency", "STATUS_CONCURRENCY", "16",
             "ClusterPolicyStatus objects created or patched at once (each object still on its own)")
     opt.add("--baseline-status", "BASELINE_STATUS", "false",
@@ -273,6 +280,7 @@ def load_controller_config(
         lease_ttl=_number(args, "--lease-ttl", int),
         coalesce_seconds=_number(args, "--coalesce-ms", float) / 1000,
         status_interval=_number(args, "--status-interval-ms", float) / 1000,
+        status_settle=_number(args, "--status-settle-ms", float) / 1000,
         status_concurrency=_number(args, "--status-concurrency", int),
         baseline_status=_boolean(args, "--baseline-status"),
         reconcile_seconds=_number(args, "--reconcile-seconds", float),

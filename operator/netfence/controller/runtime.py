@@ -81,6 +81,7 @@ class ControllerRuntime:
         )
         status = StatusWriter(
             kube, engine, world, syncer.key_revisions, lambda: election.is_leader, config.status_interval,
+            settle=config.status_settle,
             concurrency=config.status_concurrency, mark_all_on_report=config.baseline_status,
         )
         syncer.on_commit.append(status.on_commit)

@@ -100,6 +100,7 @@ class StatusWriter:
         key_revisions: dict[str, int],
         is_leader: Callable[[], bool],
         interval: float = 0.2,
+        settle: float = 0.02,
         resync_seconds: float = 120.0,
         call_timeout: float = CALL_TIMEOUT,
         concurrency: int = CONCURRENCY,
@@ -110,7 +111,8 @@ class StatusWriter:
         self.world = world
         self.key_revisions = key_revisions
         self.is_leader = is_leader
-        self.interval = interval
+        self.interval = interval  # how long a status other than Enforced must hold before it is written
+        self.settle = settle  # after a wake-up, wait this long for the rest of a burst (one commit's reports)
         self.resync_seconds = resync_seconds
         self.call_timeout = call_timeout
         self.concurrency = max(1, concurrency)
@@ -139,6 +141,10 @@ class StatusWriter:
         self._next_resync = 0.0
         self._check_orphans = True  # compare existing objects with the world in the next pass
         self._wake = asyncio.Event()
+        # name -> loop time since which a computed status other than Enforced differs from the
+        # written one (see _held_back)
+        self._held_since: dict[str, float] = {}
+        self._held: dict[str, PolicyKey] = {}  # the same names -> their policy, while held back
 
     # --- inputs ---------------------------------------------------------
 
@@ -247,6 +253,7 @@ class StatusWriter:
         """Loop time by which the loop must run again even without new input (a retry
         coming due, the periodic listing)."""
         due = [self._next_resync] + [f.due for f in self.failures.values()]
+        due += [since + self.interval for name, since in self._held_since.items() if name in self._held]
         return min(due)
 
     async def run(self) -> None:
@@ -256,7 +263,7 @@ class StatusWriter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.settle)
             if not self.is_leader():
                 self._resync = True
                 continue
@@ -280,6 +287,9 @@ class StatusWriter:
         if self._resync or now >= self._next_resync:
             await self._resync_objects(now)
         await self._delete_orphans(now)
+        for name, since in list(self._held_since.items()):
+            if since + self.interval <= now and name in self._held:
+                self._dirty.add(self._held.pop(name))
         dirty, self._dirty = self._dirty, set()
         hits = bad_key_hits(self.reports, self.engine) if dirty else {}
         async with asyncio.TaskGroup() as group:
@@ -288,6 +298,7 @@ class StatusWriter:
                 name = cps_name(*key)
                 meta = self.world.policies.get(key)
                 if meta is None:
+                    self._release(name)
                     self.index.remove(key)
                     self._warnings.pop(key, None)
                     if name in self.existing:
@@ -307,11 +318,32 @@ class StatusWriter:
                 evaluated = self._evaluate(meta, bad_keys) if in_step else None
                 if evaluated is not None and self.written.get(name) == evaluated[1]:
                     self.failures.pop(name, None)  # nothing to write
+                    self._release(name)
+                elif evaluated is not None and self._held_back(name, evaluated[1], now):
+                    self._held[name] = key  # computed again when it comes due, or when marked
                 else:
+                    self._release(name)
                     await writers.start(functools.partial(self._write_guarded, meta, bad_keys, evaluated))
                 # facts() is CPU work (policy warnings); when no status changes nothing above awaits
                 # I/O, so yield: a pass over many policies must not stall the syncer's commits.
                 await asyncio.sleep(0)
+
+    def _held_back(self, name: str, status: Mapping[str, Any], now: float) -> bool:
+        """Whether to hold back a changed status for now.
+
+        ``Enforced`` is written at the next pass: it is what users and rollouts wait for. Any
+        other status (a new change not yet on every node, or progress while it spreads) is
+        written once it has held for ``interval``: a change that every node enforces within
+        that time costs one write (its ``Enforced``), and progress on a slow rollout is
+        written at most once per ``interval``."""
+        if status.get("phase") == "Enforced":
+            return False
+        since = self._held_since.setdefault(name, now)
+        return now < since + self.interval
+
+    def _release(self, name: str) -> None:
+        self._held_since.pop(name, None)
+        self._held.pop(name, None)
 
     async def _write_guarded(
         self, meta: PolicyMeta, bad_keys: tuple[BadKeyHit, ...], evaluated: Evaluated | None
@@ -396,6 +428,7 @@ class StatusWriter:
         self._forget(name)
 
     def _forget(self, name: str) -> None:
+        self._release(name)
         self.existing.discard(name)
         self._deleting.discard(name)
         self.written.pop(name, None)

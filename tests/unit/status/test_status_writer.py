@@ -445,3 +445,45 @@ def test_unreachable_api_server_is_retried_within_a_second(exc: BaseException, t
     assert is_transient(exc) is transient
     cap = TRANSIENT_BACKOFF_MAX if transient else BACKOFF_MAX
     assert backoff_delay(20, cap=cap) == (1.0 if transient else 30.0)
+
+
+async def test_enforced_is_written_at_once_and_other_statuses_once_they_held_for_the_interval() -> None:
+    writer, kube, world = setup("a")
+    await writer.flush()
+    assert phase(kube, "ns.a") == "Enforced"
+    writer.interval = 0.2
+    patches = kube.count("patch_status", "ns.a")
+
+    def commit(revision: int, *pods: tuple[str, str]) -> None:
+        for name, ip in pods:
+            world.apply("pods", "ADDED", pod("ns", name, {"app": "a"}, "node-0", ip, revision))
+        keys = set(world.engine.drain_changes())
+        writer.key_revisions.update(dict.fromkeys(keys, revision))
+        writer.on_commit(revision, keys)
+
+    # A new endpoint: not yet on node-0. Pending is held back (the written status stays Enforced) ...
+    commit(5, ("pa", "10.0.0.1"))
+    await writer.flush()
+    assert kube.count("patch_status", "ns.a") == patches and phase(kube, "ns.a") == "Enforced"
+    assert writer.next_due() == writer.clock.now + 0.2  # ... and the loop wakes for it
+    # ... node-0 applies it within the interval: one write, Enforced for revision 5.
+    writer.clock.now += 0.05
+    writer.set_report("node-0", NodeReport("node-0", 5))
+    await writer.flush()
+    assert kube.count("patch_status", "ns.a") == patches + 1
+    assert kube.objects["ns.a"]["status"]["phase"] == "Enforced" and kube.objects["ns.a"]["status"]["revision"] == 5
+
+    # A change node-0 takes longer to apply: Pending is written once it held for the interval.
+    commit(6, ("pb", "10.0.0.2"))
+    await writer.flush()
+    writer.clock.now += 0.1
+    await writer.flush()
+    assert kube.count("patch_status", "ns.a") == patches + 1
+    writer.clock.now += 0.1
+    assert writer.next_due() <= writer.clock.now
+    await writer.flush()
+    assert kube.count("patch_status", "ns.a") == patches + 2 and phase(kube, "ns.a") == "Pending"
+    writer.set_report("node-0", NodeReport("node-0", 6))
+    await writer.flush()
+    assert kube.count("patch_status", "ns.a") == patches + 3 and phase(kube, "ns.a") == "Enforced"
+    assert not writer._held and not writer._held_since
