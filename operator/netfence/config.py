@@ -126,8 +126,12 @@ class AgentConfig:
     bench_full_render: bool = False
     #: this node's pod CIDRs: a pod there is denied until the model knows it (Features.workload_cidrs)
     pod_cidrs: tuple[str, ...] = ()
+    #: ``--pod-cidrs=auto``: take them from the controller's ``nodes/<node>`` (the Node's spec.podCIDRs)
+    pod_cidrs_auto: bool = False
 
     def __post_init__(self) -> None:
+        if self.pod_cidrs_auto and self.pod_cidrs:
+            raise ConfigError("pod CIDRs: 'auto' cannot be combined with explicit CIDRs")
         for cidr in self.pod_cidrs:
             try:
                 ipaddress.ip_network(cidr)
@@ -317,7 +321,8 @@ def agent_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     parser.add_argument("--bench-full-render", action="store_true", help=argparse.SUPPRESS)
     opt.add("--pod-cidrs", "POD_CIDRS", "",
             "comma-separated pod CIDRs of this node: their addresses that are no known pod are dropped "
-            "both ways (a new pod is denied until its rules exist); default: none")
+            "both ways (a new pod is denied until its rules exist); 'auto': the Node's spec.podCIDRs as "
+            "the controller publishes them; default: none")
     _add_metrics(opt)
     _add_etcd(opt)
     _add_logging(opt)
@@ -327,6 +332,7 @@ def agent_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
 def load_agent_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> AgentConfig:
     """The agent's configuration from ``argv`` (default: sys.argv) and ``env`` (default: os.environ)."""
     args = agent_parser(env).parse_args(argv)
+    pod_cidrs, auto = _pod_cidrs(str(args.pod_cidrs or ""))
     return AgentConfig(
         node=args.node or "",
         etcd=_etcd(args),
@@ -344,5 +350,16 @@ def load_agent_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         disable_features=tuple(f.strip() for f in str(args.disable_features or "").split(",") if f.strip()),
         watch_scope=str(args.watch_scope),
         bench_full_render=bool(args.bench_full_render),
-        pod_cidrs=tuple(c.strip() for c in str(args.pod_cidrs or "").split(",") if c.strip()),
+        pod_cidrs=pod_cidrs,
+        pod_cidrs_auto=auto,
     )
+
+
+def _pod_cidrs(raw: str) -> tuple[tuple[str, ...], bool]:
+    """``--pod-cidrs``: (CIDRs, auto): ``auto`` (any case), or comma-separated CIDRs (empty: none)."""
+    cidrs = tuple(c.strip() for c in raw.split(",") if c.strip())
+    if any(c.lower() == "auto" for c in cidrs):
+        if len(cidrs) > 1:
+            raise ConfigError(f"--pod-cidrs {raw!r}: 'auto' cannot be combined with explicit CIDRs")
+        return (), True
+    return cidrs, False

@@ -370,6 +370,10 @@ def test_agent_daemonset(helm: Helm) -> None:
     assert sc["allowPrivilegeEscalation"] is False
     assert {"name": "NETFENCE_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in ctr["env"]
     assert {"name": "NETFENCE_IPTABLES_BACKEND", "value": "auto"} in ctr["env"]
+    # a new pod is denied until its rules exist: the node's pod CIDRs from the controller (nodes/<node>)
+    assert {"name": "NETFENCE_POD_CIDRS", "value": "auto"} in ctr["env"]
+    off = container(find(helm.template("t", "nf", "--set", "agent.dropUnknownWorkloads=false"), "DaemonSet", "-agent"))
+    assert not [e for e in off["env"] if e["name"] == "NETFENCE_POD_CIDRS"]
     [lock] = [v for v in pod["volumes"] if v["name"] == "xtables-lock"]
     assert lock["hostPath"] == {"path": "/run/xtables.lock", "type": "FileOrCreate"}
     assert {"name": "xtables-lock", "mountPath": "/run/xtables.lock"} in ctr["volumeMounts"]

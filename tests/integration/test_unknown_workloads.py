@@ -1,5 +1,9 @@
 """A new pod is denied until its endpoint is known (agents with ``--pod-cidrs``, Calico style).
 
+Both ways of giving an agent its node's pod CIDRs are run: explicit (``--pod-cidrs=<cidr>``, as the
+test bed and the bench pass them) and ``--pod-cidrs=auto`` (as the Helm chart sets it: the controller
+publishes each Node's ``spec.podCIDRs`` as ``nodes/<node>`` and the agent takes its own from there).
+
 As with a real kubelet and CNI, the test bed's kubelet brings a pod's network up (its server
 answers) before it publishes the pod's address (``status.podIPs``). Without ``--pod-cidrs`` such
 a pod is reachable until the agent has programmed the rules of the policies that select it
@@ -33,15 +37,16 @@ DENIED_TIMEOUT = 0.3  # a denied probe waits this long for an answer that never 
 ALLOWED_TIMEOUT = 3.0
 
 
-@pytest.fixture
-async def env(cluster: LocalCluster, tmp_path: Path) -> AsyncIterator[NetfenceEnv]:
+@pytest.fixture(params=["explicit", "auto"])
+async def env(cluster: LocalCluster, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[NetfenceEnv]:
     bed = NetfenceEnv(cluster, tmp_path / "env", nodes=0, report_ttl=4)
     await bed.start()
     try:
         assert bed.kubelet is not None and bed.fabric is not None
         for index in range(2):
-            await bed.kubelet.add_node(index)
-            bed.start_agent(index, extra=(f"--pod-cidrs={bed.fabric.node(index).pod_cidr}",))
+            await bed.kubelet.add_node(index)  # a Node with spec.podCIDRs = the fabric's CIDR of the node
+            option = "auto" if request.param == "auto" else bed.fabric.node(index).pod_cidr
+            bed.start_agent(index, extra=(f"--pod-cidrs={option}",))
         yield bed
     finally:
         await bed.close()
@@ -91,14 +96,16 @@ async def test_a_new_pod_is_denied_until_its_endpoint_is_known(
     })
     assert env.fabric is not None
     node0 = env.fabric.node(0).netns
-    nodes = [env.fabric.node(i).netns for i in (0, 1)]
+    nodes = [env.fabric.node(i) for i in (0, 1)]
 
     async def both_known() -> bool:
-        # both agents drop unknown workloads, and both pods (neither is selected) are known on their
+        # both agents drop unknown workloads of their node's pod CIDR (with auto: once the controller
+        # published it and the agent took it), and both pods (neither is selected) are known on their
         # nodes: the client reaches the other pod
-        for netns in nodes:
-            dispatch = chain_rules(netns, TO_WL_CHAIN)
-            if not dispatch or not dispatch[-1].endswith('"netfence ingress to unknown workload" -j DROP'):
+        for node in nodes:
+            dispatch = chain_rules(node.netns, TO_WL_CHAIN)
+            if not dispatch or not dispatch[-1].endswith(
+                    f' -d {node.pod_cidr} -m comment --comment "netfence ingress to unknown workload" -j DROP'):
                 return False
         return await _connects(prober, client, known.ip)
 

@@ -66,6 +66,22 @@ def test_agent_pod_cidrs() -> None:
         load_agent_config(["--node=n1", "--pod-cidrs=10.244.0.1/24"], env={})
 
 
+def test_agent_pod_cidrs_auto_takes_them_from_the_controller() -> None:
+    """``auto``: the node's CIDRs come from ``nodes/<node>`` (the chart sets NETFENCE_POD_CIDRS=auto)."""
+    default = load_agent_config(["--node=n1"], env={})
+    assert default.pod_cidrs == () and default.pod_cidrs_auto is False  # default: no drops, as before
+    for config in (load_agent_config(["--node=n1", "--pod-cidrs=auto"], env={}),
+                   load_agent_config(["--node=n1"], env={"NETFENCE_POD_CIDRS": "auto"}),
+                   load_agent_config(["--node=n1", "--pod-cidrs= AUTO "], env={})):
+        assert config.pod_cidrs_auto is True and config.pod_cidrs == ()
+    explicit = load_agent_config(["--node=n1", "--pod-cidrs=10.244.0.0/24"], env={"NETFENCE_POD_CIDRS": "auto"})
+    assert explicit.pod_cidrs == ("10.244.0.0/24",) and explicit.pod_cidrs_auto is False  # the flag wins
+    with pytest.raises(ConfigError, match="'auto' cannot be combined"):
+        load_agent_config(["--node=n1", "--pod-cidrs=auto,10.244.0.0/24"], env={})
+    with pytest.raises(ConfigError, match="'auto' cannot be combined"):
+        AgentConfig(node="n1", pod_cidrs=("10.244.0.0/24",), pod_cidrs_auto=True)
+
+
 def test_controller_flags_as_the_test_bed_and_chart_pass_them(tls: dict[str, Path]) -> None:
     config = load_controller_config([
         "--kubeconfig=/k/config", "--identity=controller-0", "--lease-ttl=3", "--health-port=18080",

@@ -154,8 +154,9 @@ CLUSTER_POLICIES = "cpolicies/"  # ClusterNetworkPolicies (NodeState.wants reads
 
 def node_ranges(node: str, max_schema: int) -> list[KeyRange]:
     """The key ranges an agent of ``node`` watches (besides ``commit`` and ``pending``): what
-    ``NodeState.wants`` reads, and nothing else."""
-    ranges = [KeyRange(L.POLICIES), KeyRange(CLUSTER_POLICIES), KeyRange(L.SETS), KeyRange(L.Layout.endpoints_of(node))]
+    ``NodeState.wants`` reads, and nothing else (of ``nodes/``, exactly its own key)."""
+    ranges = [KeyRange(L.POLICIES), KeyRange(CLUSTER_POLICIES), KeyRange(L.SETS), KeyRange(L.Layout.endpoints_of(node)),
+              KeyRange(L.Layout.node(node), prefix=False)]
     if max_schema >= 2:
         ranges += [KeyRange(L.SETS_V2), KeyRange(L.META_SCHEMA, prefix=False)]
     return ranges

@@ -25,12 +25,18 @@
   agent restarted while it is bad) keeps the rules the kernel already holds
   for it (dataplane/pins.py). Rules the kernel cannot express match nothing
   and are listed in ``unenforceable``.
+* ``--pod-cidrs=auto``: the node's pod CIDRs (``Features.workload_cidrs``: a pod there is
+  denied until the model knows it) come from ``nodes/<node>``, which the controller writes
+  from the Node's ``spec.podCIDRs``. When they appear or change, the next apply renders
+  with them from scratch (a new renderer, a full sync); until they are known the agent
+  behaves as without the option.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -109,6 +115,7 @@ class Agent:
         self.renderer = IncrementalRenderer(self.features, full=config.bench_full_render)
         self._pins = PinCache()
         self._unenforceable: list[tuple[str, str]] = []
+        self._waiting_for_cidrs_logged = False  # --pod-cidrs=auto: "not known yet" is logged once
         self.health = AgentHealth(node=config.node)
         self._revision = 0
         self._apply_lock = asyncio.Lock()
@@ -182,6 +189,8 @@ class Agent:
             revision = self._revision
             self.health.target_revision = revision
             model = self.state.model()
+            if self._adopt_node_cidrs():
+                full = True  # every chain ends differently: render and sync everything afresh
             try:
                 pinned = await self._pinned(self.state.unresolved())
                 if full:
@@ -210,6 +219,27 @@ class Agent:
             self.metrics.applied(revision, result)
             self._report_wake.set()
             return True
+
+    def _adopt_node_cidrs(self) -> bool:
+        """``--pod-cidrs=auto``: take the pod CIDRs of ``nodes/<node>`` into the features when they
+        differ from the ones rendered; True when the features changed (the renderer is new then).
+        Call under the apply lock."""
+        if not self.config.pod_cidrs_auto:
+            return False
+        cidrs = self.state.pod_cidrs
+        if cidrs is None and not self._waiting_for_cidrs_logged:
+            self._waiting_for_cidrs_logged = True
+            log.info("--pod-cidrs=auto: the controller has published no pod CIDRs of node %s yet (nodes/%s); "
+                     "unknown workloads are not dropped until it does", self.config.node, self.config.node)
+        wanted = cidrs or ()
+        if wanted == self.features.workload_cidrs:
+            return False
+        log.info("pod CIDRs of node %s: %s (from nodes/%s); unknown workloads there are %s",
+                 self.config.node, ", ".join(wanted) or "none", self.config.node,
+                 "dropped" if wanted else "no longer dropped")
+        self.features = dataclasses.replace(self.features, workload_cidrs=wanted)
+        self.renderer = IncrementalRenderer(self.features, full=self.config.bench_full_render)
+        return True
 
     async def _unchanged(self, report: bool) -> None:
         """Commits up to ``self._revision`` left this node's rules as they are: the kernel already

@@ -13,6 +13,7 @@ from netfence.model.enforcement import (
     Endpoint,
     ModelDecodeError,
     NodeModel,
+    NodeNetwork,
     PeerSet,
 )
 from netfence.model.relevance import NodeUses, node_uses
@@ -25,7 +26,8 @@ USES_SOURCES = ("policies/", "cpolicies/", "endpoints/")
 
 
 class NodeState:
-    """Decoded policies, sets and this node's endpoints, updated by committed batches.
+    """Decoded policies, sets, this node's endpoints and its pod CIDRs (``nodes/<node>``),
+    updated by committed batches.
 
     A value that does not decode is logged and the last good value for that
     key (if any) stays in force: the controller rewrites corrupt values, and
@@ -43,6 +45,9 @@ class NodeState:
         self.cluster_policies: dict[str, CompiledClusterPolicy] = {}
         self.sets: dict[str, PeerSet] = {}
         self.endpoints: dict[str, Endpoint] = {}
+        #: this node's pod CIDRs from ``nodes/<node>`` (None: no such key; --pod-cidrs=auto reads them)
+        self.pod_cidrs: tuple[str, ...] | None = None
+        self._node_key = f"nodes/{node}"
         self.decode_errors: dict[str, str] = {}
         self.foreign: dict[str, int] = {}  # key -> revision of a foreign write (not applied)
         self._uses: NodeUses | None = None  # cache of uses(); dropped when a key it reads from changes
@@ -50,7 +55,7 @@ class NodeState:
     def wants(self, key: str) -> bool:
         if self.max_schema >= 2 and (key == META_SCHEMA or key.startswith("sets2/")):
             return True
-        return key.startswith(("policies/", "cpolicies/", "sets/", f"endpoints/{self.node}/"))
+        return key == self._node_key or key.startswith(("policies/", "cpolicies/", "sets/", f"endpoints/{self.node}/"))
 
     def uses(self) -> NodeUses:
         """What this node's rules refer to now (model/relevance.py). Cached: only a change of one of
@@ -102,6 +107,7 @@ class NodeState:
             + [f"cpolicies/{k}" for k in self.cluster_policies]
             + [f"sets/{k}" for k in self.sets]
             + [f"endpoints/{self.node}/{k}" for k in self.endpoints]
+            + ([self._node_key] if self.pod_cidrs is not None else [])
             + self._layout_keys()
         )
 
@@ -128,6 +134,8 @@ class NodeState:
             self.cluster_policies.pop(rest, None)
         elif kind == "sets":
             self.sets.pop(rest, None)
+        elif kind == "nodes":
+            self.pod_cidrs = None
         else:
             self.endpoints.pop(rest.partition("/")[2], None)
 
@@ -143,6 +151,8 @@ class NodeState:
                 self.cluster_policies[rest] = CompiledClusterPolicy.from_json(data)
             elif kind == "sets":
                 self.sets[rest] = PeerSet.from_json(data)
+            elif kind == "nodes":
+                self.pod_cidrs = NodeNetwork.from_json(data).pod_cidrs
             else:
                 self.endpoints[rest.partition("/")[2]] = Endpoint.from_json(data)
         except (ValueError, ModelDecodeError, TypeError, KeyError) as exc:
@@ -172,7 +182,7 @@ class NodeState:
         if kind == "sets2" and self.layout >= 2:
             parsed = parse_set_key(key)
             return None if parsed is None else ("set", parsed[0])
-        return None  # meta/schema, or a set key of the layout not in use
+        return None  # meta/schema, nodes/<node> (no rules of its own), or a set key of the layout not in use
 
     def has_good_value(self, pin: PinKey) -> bool:
         kind, name = pin

@@ -9,8 +9,8 @@ also deletes state of objects removed while no controller ran and rewrites
 values someone changed or corrupted. A reconcile against matching state
 writes nothing.
 
-Foreign writes: the leader watches its own keys (``policies/``, ``sets/``,
-``sets2/``, ``endpoints/``, ``meta/``, ``commit``, ``pending``) and knows the
+Foreign writes: the leader watches its own keys (``policies/``, ``cpolicies/``, ``sets/``,
+``sets2/``, ``endpoints/``, ``nodes/``, ``meta/``, ``commit``, ``pending``) and knows the
 revision of every transaction it wrote (``FencedWriter.txn_listeners``). An event
 at any other revision — someone else's put (valid or corrupt) or deletion —
 triggers a reconcile at once that rewrites exactly those keys (even if the
@@ -58,7 +58,7 @@ from netfence.store.protocols import Leadership, SyncerStore
 
 log = logging.getLogger(__name__)
 
-OWNED_PREFIXES = ("policies/", "cpolicies/", "sets/", "sets2/", "endpoints/", "meta/")
+OWNED_PREFIXES = ("policies/", "cpolicies/", "sets/", "sets2/", "endpoints/", "nodes/", "meta/")
 PROTOCOL_KEYS = ("commit", "pending")
 SCHEMA_KEY = "meta/schema"
 OBSERVED_KEY = "meta/observed"

@@ -33,6 +33,7 @@ from netfence.model.compiler import ModelEngine
 from netfence.model.world import (
     PolicyError,
     namespace_from_k8s,
+    node_from_k8s,
     pod_from_k8s,
     policy_from_k8s,
 )
@@ -92,6 +93,7 @@ class WorldTracker:
         self.policies: dict[tuple[str, str], PolicyMeta] = {}
         self.policy_errors: dict[tuple[str, str], str] = {}
         self.nodes: set[str] = set()
+        self._invalid_cidrs: dict[str, tuple[str, ...]] = {}  # node -> pod CIDRs skipped (warned once)
 
     def apply(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> bool:
         """Apply one watch event; False when it was stale (or a repeat) and ignored."""
@@ -181,6 +183,15 @@ class WorldTracker:
             self.engine.set_namespace(namespace_from_k8s(body))
         elif kind == "nodes":
             self.nodes.add(name)
+            node = node_from_k8s(body)
+            if node.invalid and self._invalid_cidrs.get(name) != node.invalid:
+                log.warning("Node %s: pod CIDR %s is no CIDR; skipped (nodes/%s lists the others)",
+                            name, ", ".join(repr(c) for c in node.invalid), name)
+            if node.invalid:
+                self._invalid_cidrs[name] = node.invalid
+            else:
+                self._invalid_cidrs.pop(name, None)
+            self.engine.set_node(node)
         elif kind == "networkpolicies":
             meta = body.get("metadata", {})
             self.policies[(ns, name)] = PolicyMeta(
@@ -216,6 +227,8 @@ class WorldTracker:
             self.engine.remove_namespace(name)
         elif kind == "nodes":
             self.nodes.discard(name)
+            self._invalid_cidrs.pop(name, None)
+            self.engine.remove_node(name)
         elif kind == "networkpolicies":
             self.policies.pop((ns, name), None)
             self.policy_errors.pop((ns, name), None)

@@ -14,6 +14,8 @@ Keys (relative to the store prefix, see docs/design.md):
   policy selects it (empty policy lists: not isolated). So an agent knows every
   pod of its node and can deny the addresses it does not know yet (a new pod is
   denied until its rules exist; ``Features.workload_cidrs``).
+* ``nodes/<node>`` → ``NodeNetwork.to_json()``: the node's pod CIDRs, for every
+  node that has some (agents with ``--pod-cidrs=auto`` read their own).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from netfence.model.cluster_policy import ClusterPolicy, cluster_policy_key, compile_cluster_policy
-from netfence.model.enforcement import CompiledClusterPolicy, CompiledPolicy
+from netfence.model.enforcement import CompiledClusterPolicy, CompiledPolicy, NodeNetwork
 from netfence.model.engine import ModelEngine, PolicyView
 from netfence.model.peersets import (
     NetSetSpec,
@@ -32,6 +34,7 @@ from netfence.model.peersets import (
     endpoint_key,
     make_endpoint,
     net_members,
+    node_key,
     peer_set,
     pod_ip_members,
     pods_spec_matches,
@@ -39,7 +42,7 @@ from netfence.model.peersets import (
     port_members,
     set_key,
 )
-from netfence.model.world import Namespace, Pod, Policy, is_endpoint
+from netfence.model.world import Namespace, Node, Pod, Policy, is_endpoint
 
 __all__ = ["ModelEngine", "PolicyView", "compile_world", "resolve_members"]
 
@@ -62,6 +65,7 @@ def compile_world(
     namespaces: Iterable[Namespace],
     policies: Iterable[Policy],
     cluster_policies: Iterable[ClusterPolicy] = (),
+    nodes: Iterable[Node] = (),
 ) -> dict[str, dict[str, Any]]:
     """The full desired state for this world. Later duplicates (same key) win."""
     pod_map = {pod.key: pod for pod in pods}
@@ -96,4 +100,9 @@ def compile_world(
             continue
         endpoint = make_endpoint(pod, selecting.get(pod.key, ()), cluster_selecting.get(pod.key, ()))
         out[endpoint_key(pod.node, pod.namespace, pod.name)] = endpoint.to_json()
+    for node in nodes:
+        if node.pod_cidrs:
+            out[node_key(node.name)] = NodeNetwork(node.pod_cidrs).to_json()
+        else:
+            out.pop(node_key(node.name), None)
     return out

@@ -31,6 +31,7 @@ Vocabulary:
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -278,6 +279,36 @@ class Endpoint:
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ModelDecodeError(f"bad endpoint: {exc!r}") from exc
+
+
+def pod_cidr(text: object) -> str:
+    """A pod CIDR in canonical form (``10.244.1.0/24``, ``fd00:10:244:1::/64``); ValueError when it is
+    none: not a string, no prefix length, or host bits set (never read as a wider network)."""
+    if not isinstance(text, str) or "/" not in text:
+        raise ValueError(f"{text!r} is not a CIDR")
+    return str(ipaddress.ip_network(text.strip(), strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class NodeNetwork:
+    """``nodes/<node>``: the node's pod CIDRs (``spec.podCIDRs``), read by agents started with
+    ``--pod-cidrs=auto`` (a pod there is denied until the model knows it). Never empty: a node
+    without pod CIDRs has no key."""
+
+    pod_cidrs: tuple[str, ...]  # canonical, in the Node's order
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA_VERSION, "podCIDRs": list(self.pod_cidrs)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> NodeNetwork:
+        raw = data.get("podCIDRs") if isinstance(data, dict) else None
+        if not isinstance(raw, list) or not raw:
+            raise ModelDecodeError(f"bad node: podCIDRs is not a non-empty list: {raw!r}")
+        try:
+            return cls(tuple(pod_cidr(c) for c in raw))
+        except ValueError as exc:
+            raise ModelDecodeError(f"bad node: {exc}") from exc
 
 
 def _tier_fields(ep: Endpoint) -> tuple[tuple[str, tuple[str, ...]], ...]:

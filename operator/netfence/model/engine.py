@@ -28,7 +28,7 @@ from typing import Any
 
 from netfence.model.cluster_policy import cluster_policy_key
 from netfence.model.diagnostics import policy_warnings
-from netfence.model.enforcement import Endpoint
+from netfence.model.enforcement import Endpoint, NodeNetwork
 from netfence.model.membership import MembershipState, PodKey, PolicyKey, SetState
 from netfence.model.peersets import (
     NetSetSpec,
@@ -63,7 +63,7 @@ class ModelEngine(MembershipState):
     """Incrementally maintained desired state. Not thread-safe; drive it from one task.
 
     Mutators (inherited): ``set_pod``, ``remove_pod``, ``set_namespace``,
-    ``remove_namespace``, ``set_policy``, ``remove_policy``.
+    ``remove_namespace``, ``set_policy``, ``remove_policy``, ``set_node``, ``remove_node``.
     """
 
     # ---- output --------------------------------------------------------------
@@ -225,6 +225,9 @@ class ModelEngine(MembershipState):
         if kind == "cpolicies":
             cstate = self._cpolicies.get(rest)
             return None if cstate is None else cstate.compiled.to_json()
+        if kind == "nodes":
+            cidrs = self._node_cidrs.get(rest)
+            return None if not cidrs else NodeNetwork(cidrs).to_json()
         node, ns, name = rest.split("/", 2)
         endpoint = self._endpoint((ns, name))
         return None if endpoint is None or endpoint.node != node else endpoint.to_json()

@@ -21,13 +21,14 @@ from netfence.model.peersets import (
     SetSpec,
     compile_policy,
     endpoint_key,
+    node_key,
     policy_key,
     set_id,
     set_key,
 )
 from netfence.model.selector_index import SelectorIndex, changed_keys, index_add, index_discard
 from netfence.model.selectors import LabelSelector
-from netfence.model.world import Namespace, Pod, Policy, is_endpoint
+from netfence.model.world import Namespace, Node, Pod, Policy, is_endpoint
 
 PodKey = tuple[str, str]
 PolicyKey = tuple[str, str]
@@ -77,6 +78,7 @@ class MembershipState:
         self._pod_sets: dict[PodKey, set[str]] = {}  # reverse: pods sets containing the pod
         self._pod_policies: dict[PodKey, set[PolicyKey]] = {}  # reverse: policies selecting the pod
         self._cpolicies: dict[str, ClusterPolicyState] = {}
+        self._node_cidrs: dict[str, tuple[str, ...]] = {}  # node -> its pod CIDRs (nodes with some only)
         self._out = ChangeTracker()
 
     # ---- pods ----------------------------------------------------------------
@@ -128,6 +130,23 @@ class MembershipState:
             return
         for sid in list(self._ns_matches.get(name, ())):
             self._set_namespace_match(self._sets[sid], name, False)
+
+    # ---- nodes ---------------------------------------------------------------
+
+    def set_node(self, node: Node) -> None:
+        """A Node's pod CIDRs (``nodes/<node>``; a node without any has no key). Any other
+        change of the Node (its status, every few minutes) costs nothing."""
+        if self._node_cidrs.get(node.name, ()) == node.pod_cidrs:
+            return
+        if node.pod_cidrs:
+            self._node_cidrs[node.name] = node.pod_cidrs
+        else:
+            del self._node_cidrs[node.name]
+        self._out.mark(node_key(node.name))
+
+    def remove_node(self, name: str) -> None:
+        if self._node_cidrs.pop(name, None) is not None:
+            self._out.mark(node_key(name))
 
     # ---- policies ------------------------------------------------------------
 

@@ -102,6 +102,11 @@ def endpoint_key(node: str, namespace: str, name: str) -> str:
     return f"endpoints/{node}/{namespace}/{name}"
 
 
+def node_key(node: str) -> str:
+    """``nodes/<node>``: the node's pod CIDRs (``NodeNetwork``)."""
+    return f"nodes/{node}"
+
+
 def peer_spec(policy_namespace: str, peer: Peer) -> SetSpec:
     """The peer set a NetworkPolicyPeer compiles to."""
     if peer.ip_block is not None:

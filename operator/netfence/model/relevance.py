@@ -1,8 +1,9 @@
 """Which committed keys matter to one node (pure; the one definition both sides use).
 
 A node's rules depend on its own endpoints, the policies those endpoints list
-(in any direction or tier), the peer sets those policies reference, and the
-layout schema (``meta/schema``). A commit is *relevant to node N* iff it
+(in any direction or tier), the peer sets those policies reference, its own
+pod CIDRs (``nodes/<node>``, read with ``--pod-cidrs=auto``) and the layout
+schema (``meta/schema``). A commit is *relevant to node N* iff it
 changed a key of that kind — judged with N's references both before and after
 the commit (a policy N stops using still changes N's rules; one it starts
 using too). Everything else (other nodes' endpoints, policies and sets no
@@ -19,8 +20,9 @@ leaves N's rules as they were.
   agent that reports every commit (older agents) reaches it too.
 
 Key families are data (:data:`FAMILIES`): a new kind of key (a new policy
-kind) is a new row naming what it is (``endpoint``, ``policy``, ``set``,
-``layout``, ``bookkeeping``) and how its name is read. A committed key of an
+kind) is a new row naming what it is (``endpoint``, ``node``, ``policy``, ``set``,
+``layout``, ``bookkeeping``) and how its name is read. ``endpoint`` and ``node``
+keys are per node: they matter to the node they name only. A committed key of an
 unknown family is relevant to every node (applying too often is safe;
 skipping a change is not).
 """
@@ -34,7 +36,9 @@ from typing import Literal, Protocol
 
 from netfence.model.enforcement import CompiledClusterPolicy, CompiledPolicy, Endpoint, ModelDecodeError
 
-Kind = Literal["endpoint", "policy", "clusterpolicy", "set", "layout", "bookkeeping"]
+Kind = Literal["endpoint", "node", "policy", "clusterpolicy", "set", "layout", "bookkeeping"]
+#: Kinds whose name is a node name: such a key matters to that node only.
+PER_NODE: frozenset[Kind] = frozenset({"endpoint", "node"})
 
 
 def _rest(rest: str) -> str | None:
@@ -51,6 +55,10 @@ def _endpoint_node(rest: str) -> str | None:
     return node if node and sep else None
 
 
+def _node(rest: str) -> str | None:
+    return rest if rest and "/" not in rest else None
+
+
 @dataclass(frozen=True, slots=True)
 class Family:
     """Keys starting with ``prefix`` (or equal to it when ``exact``): what they are and their name."""
@@ -61,9 +69,10 @@ class Family:
     exact: bool = False
 
 
-#: Committed key families, most specific first. ``endpoint`` names are node names.
+#: Committed key families, most specific first. ``endpoint`` and ``node`` names are node names.
 FAMILIES: tuple[Family, ...] = (
     Family("endpoints/", "endpoint", _endpoint_node),
+    Family("nodes/", "node", _node),  # nodes/<node>: that node's pod CIDRs
     Family("policies/", "policy"),
     Family("cpolicies/", "clusterpolicy"),  # ClusterNetworkPolicies, by name
     Family("sets/", "set"),
@@ -101,7 +110,7 @@ def key_relevant(key: str, uses: NodeUses) -> bool:
     if found is None:
         return True  # unknown family: conservative
     kind, name = found
-    if kind == "endpoint":
+    if kind in PER_NODE:
         return name == uses.node
     if kind == "layout":
         return True
@@ -169,7 +178,8 @@ def node_revisions(keys: Iterable[str], revision_of: Callable[[str], int],
     """Per node of ``nodes``, the newest revision among one policy's relevant ``keys`` (its
     own key, its sets' keys, its endpoints' keys on every node) that matter to that node when
     it uses the policy: every key but other nodes' endpoints (:func:`key_relevant` with the
-    policy and its sets as the node's uses). O(keys + nodes)."""
+    policy and its sets as the node's uses; a ``nodes/<n>`` key, should one be given, counts for
+    node n only). O(keys + nodes)."""
     base = 0
     by_node: dict[str, int] = {}
     for key in keys:
@@ -177,7 +187,7 @@ def node_revisions(keys: Iterable[str], revision_of: Callable[[str], int],
         if found is not None and found[0] == "bookkeeping":
             continue
         revision = revision_of(key)
-        if found is not None and found[0] == "endpoint":
+        if found is not None and found[0] in PER_NODE:
             node = found[1] or ""
             by_node[node] = max(by_node.get(node, 0), revision)
         else:
@@ -188,12 +198,13 @@ def node_revisions(keys: Iterable[str], revision_of: Callable[[str], int],
 def needed_revisions(values: Mapping[str, bytes], mod_revisions: Mapping[str, int],
                      nodes: Iterable[str]) -> dict[str, int]:
     """Per node, the newest revision among the committed keys that matter to it *now* (its
-    endpoints, the policies they use, those policies' sets, the layout, keys of unknown
-    families): a node whose applied revision reaches it enforces the committed state
+    endpoints, its ``nodes/`` key, the policies they use, those policies' sets, the layout,
+    keys of unknown families): a node whose applied revision reaches it enforces the committed state
     (``netfence status``'s lag). From one committed snapshot, so a key deleted since (a pod
     gone) is not seen: a node that has not applied a deletion may show no lag. Values that
     do not decode count as referencing nothing."""
     endpoint_keys: dict[str, list[str]] = {}
+    own: dict[str, int] = {}  # node -> revision of its nodes/ key
     named: dict[tuple[Kind, str], int] = {}  # (kind, name) -> newest revision of its keys
     everyone = 0  # layout and unknown families: every node
     for key in values:
@@ -203,6 +214,8 @@ def needed_revisions(values: Mapping[str, bytes], mod_revisions: Mapping[str, in
             everyone = max(everyone, revision)
         elif found[0] == "endpoint":
             endpoint_keys.setdefault(found[1] or "", []).append(key)
+        elif found[0] == "node":
+            own[found[1] or ""] = max(own.get(found[1] or "", 0), revision)
         elif found[0] != "bookkeeping" and found[1] is not None:
             named[(found[0], found[1])] = max(named.get((found[0], found[1]), 0), revision)
     decoded: dict[str, _Policy | None] = {}
@@ -218,7 +231,7 @@ def needed_revisions(values: Mapping[str, bytes], mod_revisions: Mapping[str, in
 
     out: dict[str, int] = {}
     for node in nodes:
-        needed = everyone
+        needed = max(everyone, own.get(node, 0))
         endpoints = []
         for key in endpoint_keys.get(node, ()):
             needed = max(needed, mod_revisions.get(key, 0))

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from netfence.model.enforcement import PROTOCOLS, Protocol
+from netfence.model.enforcement import PROTOCOLS, Protocol, pod_cidr
 from netfence.model.policy import (
     IPBlock,
     Peer,
@@ -30,6 +30,7 @@ __all__ = [
     "LabelSelector",
     "Labels",
     "Namespace",
+    "Node",
     "Peer",
     "Pod",
     "Policy",
@@ -39,6 +40,7 @@ __all__ = [
     "Rule",
     "is_endpoint",
     "namespace_from_k8s",
+    "node_from_k8s",
     "normalise_ip",
     "pod_from_k8s",
     "policy_from_k8s",
@@ -129,6 +131,16 @@ class Namespace:
         object.__setattr__(self, "labels", _labels(self.labels))
 
 
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A node as far as agents are concerned: its pod CIDRs (``spec.podCIDRs``, canonical), and
+    the entries that are no CIDR (skipped: never read as another, wider network)."""
+
+    name: str
+    pod_cidrs: tuple[str, ...] = ()
+    invalid: tuple[str, ...] = ()
+
+
 def is_endpoint(pod: Pod) -> bool:
     """A pod is a policy endpoint iff it has an IP, is not hostNetwork, and is not finished."""
     return bool(pod.ips) and not pod.host_network and pod.phase not in TERMINAL_PHASES
@@ -203,3 +215,26 @@ def pod_from_k8s(body: Mapping[str, Any]) -> Pod:
 def namespace_from_k8s(body: Mapping[str, Any]) -> Namespace:
     meta = _metadata(body)
     return Namespace(name=str(meta.get("name") or ""), labels=_label_map(meta))
+
+
+def node_from_k8s(body: Mapping[str, Any]) -> Node:
+    """Parse a Node body: ``spec.podCIDRs``, else ``spec.podCIDR``. Never raises: an entry that
+    is no CIDR is listed in ``invalid`` and left out (duplicates once)."""
+    meta = _metadata(body)
+    spec = body.get("spec") or {}
+    if not isinstance(spec, Mapping):
+        spec = {}
+    raw = spec.get("podCIDRs")
+    if not isinstance(raw, list) or not raw:
+        raw = [spec["podCIDR"]] if spec.get("podCIDR") else []
+    cidrs: list[str] = []
+    invalid: list[str] = []
+    for entry in raw:
+        try:
+            cidr = pod_cidr(entry)
+        except ValueError:
+            invalid.append(str(entry))
+            continue
+        if cidr not in cidrs:
+            cidrs.append(cidr)
+    return Node(name=str(meta.get("name") or ""), pod_cidrs=tuple(cidrs), invalid=tuple(invalid))

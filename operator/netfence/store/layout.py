@@ -9,7 +9,7 @@ Key families:
 * committed data, written by the controller and applied by readers only at
   commit markers: ``policies/<ns>/<name>``, ``cpolicies/<name>``, ``sets/<id>`` (layout schema 1)
   or ``sets2/<id>[/<chunk>]`` (layout schema 2, see ``store/migration.py``),
-  ``endpoints/<node>/<ns>/<name>``, ``meta/...``;
+  ``endpoints/<node>/<ns>/<name>``, ``nodes/<node>`` (the node's pod CIDRs), ``meta/...``;
 * protocol keys: ``commit`` (the commit marker), ``pending`` (present while a
   change that spans several transactions is being written), ``leader``;
 * reports: ``status/nodes/<node>`` (agent-written, lease-bound).
@@ -45,6 +45,7 @@ POLICIES = "policies/"
 SETS = "sets/"
 SETS_V2 = "sets2/"  # layout schema 2: chunked peer sets
 ENDPOINTS = "endpoints/"
+NODES = "nodes/"  # nodes/<node>: the node's pod CIDRs (NodeNetwork)
 META = "meta/"
 STATUS_NODES = "status/nodes/"
 COMMIT = "commit"
@@ -58,7 +59,7 @@ COMMIT_REPORTS = "reports"
 REPORTS_RELEVANT = "relevant"
 
 CLUSTER_POLICIES = "cpolicies/"  # ClusterNetworkPolicy: cpolicies/<name>
-COMMITTED_PREFIXES: tuple[str, ...] = (POLICIES, CLUSTER_POLICIES, SETS, SETS_V2, ENDPOINTS, META)
+COMMITTED_PREFIXES: tuple[str, ...] = (POLICIES, CLUSTER_POLICIES, SETS, SETS_V2, ENDPOINTS, NODES, META)
 
 
 def commit_marker(seq: int, time: str, controller: str) -> dict[str, Any]:
@@ -127,6 +128,11 @@ class Layout:
         return f"{ENDPOINTS}{_check_part('node', node)}/"
 
     @staticmethod
+    def node(node: str) -> str:
+        """``nodes/<node>``: the node's pod CIDRs."""
+        return f"{NODES}{_check_part('node', node)}"
+
+    @staticmethod
     def node_status(node: str) -> str:
         return f"{STATUS_NODES}{_check_part('node', node)}"
 
@@ -163,6 +169,12 @@ class Layout:
         """``endpoints/<node>/<ns>/<name>`` -> (node, ns, name), else None."""
         parts = _split(rel, ENDPOINTS, 3)
         return (parts[0], parts[1], parts[2]) if parts else None
+
+    @staticmethod
+    def parse_node(rel: str) -> str | None:
+        """``nodes/<node>`` -> node, else None."""
+        parts = _split(rel, NODES, 1)
+        return parts[0] if parts else None
 
     @staticmethod
     def parse_node_status(rel: str) -> str | None:

@@ -12,8 +12,8 @@ how those are stored:
   ``crc32(m) % K``; ``K`` is the smallest power of two giving at most
   :data:`CHUNK_MEMBERS` members per chunk on average. A pod joining a set of
   100 000 members rewrites one ~256-member chunk instead of a ~2 MB value
-  (which also exceeds etcd's default 1.5 MiB request limit). Policies and
-  endpoints are unchanged.
+  (which also exceeds etcd's default 1.5 MiB request limit). Policies,
+  endpoints and nodes are unchanged.
 
 Agents built with schema-2 support read both layouts and pick the one named
 by ``meta/schema`` (absent: 1), which the controller writes in the same
@@ -53,7 +53,7 @@ META_SCHEMA = "meta/schema"
 
 # Key families that exist in only one layout (deleted when migrating away from it).
 EXCLUSIVE_FAMILIES: dict[int, tuple[str, ...]] = {1: (SETS_V1,), 2: (SETS_V2,)}
-ALL_FAMILIES: tuple[str, ...] = ("policies/", SETS_V1, SETS_V2, ENDPOINTS, "meta/")
+ALL_FAMILIES: tuple[str, ...] = ("policies/", "cpolicies/", SETS_V1, SETS_V2, ENDPOINTS, "nodes/", "meta/")
 
 
 class SchemaError(ValueError):
