@@ -554,7 +554,10 @@ class LocalNode:
             f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
             f"--root-ca-file={pki.ca_cert}", f"--service-account-private-key-file={pki.sa_key}",
             "--use-service-account-credentials=false", f"--cluster-cidr={CLUSTER_CIDR}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}", "--allocate-node-cidrs=false",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # the node's spec.podCIDRs, as kubeadm clusters have them: the first /24 is POD_CIDR, the
+            # range host-local hands out, and Netfence's chart default drops unknown workloads there
+            "--allocate-node-cidrs=true", "--node-cidr-mask-size=24",
             f"--cert-dir={wd / 'kcm-certs'}",
         ])
 
