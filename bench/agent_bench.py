@@ -234,17 +234,19 @@ class Bench:
     agents_started: int = 0
     state: dict[str, bytes] = field(default_factory=dict)
     revision: int = 0  # of the last commit written
+    health_port: int = 0  # the running agent's /healthz
 
     def start_agent(self, full: bool = False) -> tuple[ManagedProcess, float, float]:
         """Spawn an agent (``full``: the path before incremental rendering); (process, monotonic and
         wall time of the spawn)."""
         self.agents_started += 1
         self.mode = "full" if full else "incremental"
+        self.health_port = free_port()
         argv = [
             sys.executable, "-m", "netfence.agent.main",
             f"--node={NODE}", f"--netns={self.netns}", "--no-ipv6",
             f"--etcd-endpoints={self.etcd.endpoint}", f"--etcd-prefix={self.prefix}",
-            f"--health-port={free_port()}", "--report-ttl=10", "--resync-seconds=300",
+            f"--health-port={self.health_port}", "--report-ttl=10", "--resync-seconds=300",
             *(["--bench-full-render"] if full else []),
         ]
         proc = ManagedProcess(f"agent-{self.agents_started}", argv,
@@ -264,6 +266,23 @@ class Bench:
         self.state = values
         self.revision = revision
         return revision, t0, len(changes)
+
+    async def synced(self, revision: int, timeout: float = 120.0) -> None:
+        """Until the agent's /healthz says it is synced to ``revision``: also for a commit that
+        does not touch this node (the agent neither applies nor reports it, model/relevance.py)."""
+        import aiohttp
+
+        deadline = time.monotonic() + timeout
+        last: object = None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                    async with session.get(f"http://127.0.0.1:{self.health_port}/healthz") as response:
+                        last = (await response.json()).get("syncedRevision")
+                        if isinstance(last, int) and last >= revision:
+                            return
+                await asyncio.sleep(0.01)
+        raise TimeoutError(f"agent not synced to revision {revision} within {timeout}s (syncedRevision {last})")
 
     def kernel(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", self.netns, *argv], capture_output=True, text=True,
@@ -345,7 +364,9 @@ async def latency_base(bench: Bench) -> tuple[NodeModel, str, str]:
     """Commit the 1,000-policy model (if not yet there); (model, local policy key, local set id)."""
     model = model_of(1000)
     revision, _, _ = await bench.commit(etcd_values(model))
-    await bench.watch.wait(revision)  # also: the agent is done with its first apply
+    # The agent is done with it (its first apply, or a commit this node does not need: policies
+    # only other nodes use, which it neither applies nor reports).
+    await bench.synced(revision)
     key, sid = local_policy_and_set(model)
     return model, key, sid
 
