@@ -156,7 +156,7 @@ class ControllerRuntime:
 
     async def _relist_job(self, kind: str) -> None:
         if kind == CPS_PLURAL:
-            self.status.request_resync()
+            self.status.request_resync(full=False)
         else:
             await self.relist(kind)
         # The API server answers: status writes that failed meanwhile (an outage) go now,

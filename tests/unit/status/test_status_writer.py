@@ -487,3 +487,28 @@ async def test_enforced_is_written_at_once_and_other_statuses_once_they_held_for
     await writer.flush()
     assert kube.count("patch_status", "ns.a") == patches + 3 and phase(kube, "ns.a") == "Enforced"
     assert not writer._held and not writer._held_since
+
+
+async def test_a_relisting_computes_again_only_objects_not_as_the_writer_left_them() -> None:
+    """A periodic re-list of the objects must not put every policy into one long pass (the
+    statuses of real changes would wait behind it): only missing or changed objects."""
+    writer, kube, _ = setup("a", "b", "c")
+    await writer.flush()
+    assert {phase(kube, n) for n in ("ns.a", "ns.b", "ns.c")} == {"Enforced"}
+    before, patches = writer.evaluations, kube.count("patch_status")
+    writer.request_resync(full=False)
+    await writer.flush()
+    assert writer.evaluations == before and kube.count("patch_status") == patches  # all as left
+    # Someone edits b's status and deletes c: those two (only) are computed and written again.
+    kube.objects["ns.b"]["status"]["phase"] = "Pending"
+    del kube.objects["ns.c"]
+    writer.request_resync(full=False)
+    await writer.flush()
+    assert writer.evaluations - before <= 2  # b here; c's status is computed where it is created
+    assert phase(kube, "ns.b") == phase(kube, "ns.c") == "Enforced"
+    assert kube.count("patch_status", "ns.a") == 1
+    # Becoming leader computes every status again.
+    before = writer.evaluations
+    writer.request_resync()
+    await writer.flush()
+    assert writer.evaluations - before == 3
