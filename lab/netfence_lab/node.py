@@ -556,7 +556,7 @@ class LocalNode:
             "--use-service-account-credentials=false", f"--cluster-cidr={CLUSTER_CIDR}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             # the node's spec.podCIDRs, as kubeadm clusters have them: the first /24 is POD_CIDR, the
-            # range host-local hands out, and Netfence's chart default drops unknown workloads there
+            # range host-local hands out (the controller publishes it as nodes/<node>)
             "--allocate-node-cidrs=true", "--node-cidr-mask-size=24",
             f"--cert-dir={wd / 'kcm-certs'}",
         ])
