@@ -51,6 +51,9 @@ before issue 11), so before/after figures come from one run on one machine.
     .venv/bin/python bench/scale_bench.py --nodes 100 --pods 1000 --policy-points 100,1000 \\
         --policies 1000 --creates 100 --label-changes 20 --json /tmp/scale.json
 
+Where the simulated agents' time goes: ``NETFENCE_FLEET_PROFILE=DIR`` runs each fleet child under
+cProfile and writes ``DIR/fleet-<first node>.prof`` when it stops.
+
 Everything it starts is stopped at the end (the temp directory too, unless --keep).
 """
 
@@ -1309,7 +1312,20 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     if args.fleet_child:
-        asyncio.run(fleet_child(json.loads(args.fleet_child)))
+        spec = json.loads(args.fleet_child)
+        profile_dir = os.environ.get("NETFENCE_FLEET_PROFILE")  # where the simulated agents' time goes
+        if not profile_dir:
+            asyncio.run(fleet_child(spec))
+            return
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            asyncio.run(fleet_child(spec))
+        finally:
+            profiler.disable()
+            profiler.dump_stats(str(Path(profile_dir) / f"fleet-{spec['first']}.prof"))
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = asyncio.run(main_async(args))
