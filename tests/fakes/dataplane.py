@@ -42,6 +42,9 @@ class FakeDataplane:
         self._gate = threading.Event()
         self._gate.set()
         self.entered = threading.Event()  # set when an apply has started (and is maybe held)
+        self._drift_gate = threading.Event()
+        self._drift_gate.set()
+        self.drift_entered = threading.Event()  # set when a drift check has started (and is maybe held)
         self.applying = False  # an apply is between its start and its return
         self.drift_checks = 0
         self.drift_checks_during_apply = 0  # a kernel read racing an apply (must stay 0)
@@ -58,6 +61,14 @@ class FakeDataplane:
 
     def release(self) -> None:
         self._gate.set()
+
+    def hold_drift(self) -> None:
+        """Hold the next drift checks in their kernel read until :meth:`release_drift`."""
+        self.drift_entered.clear()
+        self._drift_gate.clear()
+
+    def release_drift(self) -> None:
+        self._drift_gate.set()
 
     # -- the Dataplane interface the agent uses ----------------------------------------------
 
@@ -91,9 +102,14 @@ class FakeDataplane:
         self._applied = None
 
     def check_drift(self) -> bool:
+        """``drifted``; a check that overlaps an apply also says drifted (a real read then sees the
+        new rules against the old record)."""
         self.drift_checks += 1
         self.drift_checks_during_apply += self.applying
-        return self.drifted
+        self.drift_entered.set()
+        if not self._drift_gate.wait(timeout=10):
+            raise TimeoutError("FakeDataplane drift check held for more than 10s (release_drift() missing?)")
+        return self.drifted or self.applying
 
     def read_state(self) -> KernelState:
         rs = self.kernel

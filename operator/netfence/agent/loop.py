@@ -119,6 +119,7 @@ class Agent:
         self.health = AgentHealth(node=config.node)
         self._revision = 0
         self._apply_lock = asyncio.Lock()
+        self._kernel_epoch = 0  # applies started (each may change the kernel): a drift check spanning one is void
         self._retry: asyncio.Task[None] | None = None
         self._report_wake = asyncio.Event()
         self._lease_id: int | None = None
@@ -186,6 +187,7 @@ class Agent:
     async def apply(self, full: bool = False) -> bool:
         """Render the current state and apply it; True on success."""
         async with self._apply_lock:
+            self._kernel_epoch += 1
             revision = self._revision
             self.health.target_revision = revision
             model = self.state.model()
@@ -288,15 +290,23 @@ class Agent:
     async def _drift_loop(self) -> None:
         while True:
             await self.resync_sleep(self.config.resync_seconds)
-            # Under the apply lock: a kernel read between an apply's restore and its bookkeeping
-            # would see the new rules against the old record and "repair" a kernel that was right.
-            async with self._apply_lock:
-                if self.health.applies == 0 or self.health.last_error is not None:
-                    continue  # nothing applied yet, or the retry loop is already re-applying
-                try:
-                    drifted = await asyncio.to_thread(self.dataplane.check_drift)
-                except Exception as exc:
-                    log.warning("drift check failed: %s", exc)
+            if self.health.applies == 0 or self.health.last_error is not None:
+                continue  # nothing applied yet, or the retry loop is already re-applying
+            # The kernel is read outside the apply lock (a read of tens of thousands of rules
+            # takes a second or more: commits must not wait for it). A read that overlapped an
+            # apply may see new rules against the old record and "repair" a kernel that was
+            # right, so such a check is void (the next period checks again).
+            async with self._apply_lock:  # an apply in flight finishes first
+                epoch = self._kernel_epoch
+            try:
+                drifted = await asyncio.to_thread(self.dataplane.check_drift)
+            except Exception as exc:
+                log.warning("drift check failed: %s", exc)
+                continue
+            async with self._apply_lock:  # waits for an apply in flight, which voids the check
+                if self._kernel_epoch != epoch or self.health.last_error is not None:
+                    log.debug("drift check overlapped an apply; checking again in %.0fs",
+                              self.config.resync_seconds)
                     continue
             if drifted:
                 log.warning("netfilter state drifted from what was applied; repairing")

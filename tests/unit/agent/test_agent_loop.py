@@ -276,30 +276,36 @@ async def test_the_report_is_republished_on_a_new_lease_when_its_lease_is_lost()
         assert s.etcd.keys[f"status/nodes/{NODE}"].lease not in (0, lease)
 
 
-async def test_the_drift_check_never_reads_the_kernel_while_an_apply_runs() -> None:
-    """A read between an apply's restore and its bookkeeping would "repair" a kernel that was right."""
+async def test_a_drift_check_that_overlaps_an_apply_repairs_nothing() -> None:
+    """The drift check reads the kernel outside the apply lock (commits must not wait for a long
+    read); a read that overlapped an apply sees new rules against the old record, so its result
+    is void: no "repair" of a kernel that was right."""
     s = Setup()
     periods: asyncio.Queue[None] = asyncio.Queue()
+    sleeping = asyncio.Event()
 
     async def resync_sleep(_: float) -> None:
+        sleeping.set()
         await periods.get()
 
     s.agent.resync_sleep = resync_sleep
     first = await s.commit(world(80))
     async with running(s.agent):
         await s.applied(first)
-        s.kernel.hold()
+        s.kernel.hold_drift()
+        sleeping.clear()
+        periods.put_nowait(None)  # the resync period ends: the check starts reading the kernel ...
+        await asyncio.to_thread(s.kernel.drift_entered.wait, 5)
         second = await s.commit({POLICY_KEY: raw(allow(81))})
-        await asyncio.to_thread(s.kernel.entered.wait, 5)  # the second apply runs, held
-        periods.put_nowait(None)  # the resync period ends now
-        async with asyncio.timeout(10):  # the drift check either waits for the apply or (wrongly) reads
-            # polled: a lock's waiters raise no event
-            while not (s.agent._apply_lock._waiters or s.kernel.drift_checks):  # type: ignore[attr-defined]  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        s.kernel.release()
-        await s.applied(second)
-        async with asyncio.timeout(10):
-            while not s.kernel.drift_checks:  # noqa: ASYNC110 (the fake's check counter raises no event)
-                await asyncio.sleep(0.01)
-    assert s.kernel.drift_checks_during_apply == 0
-    assert s.agent.health.drift_repairs == 0
+        await s.applied(second)  # ... an apply runs meanwhile (it does not wait for the read) ...
+        s.kernel.drifted = True  # ... and the read, torn, sees a kernel unlike the record
+        s.kernel.release_drift()
+        await asyncio.wait_for(sleeping.wait(), 10)  # the drift loop decided and sleeps again
+        applies = len(s.kernel.applies)
+        assert s.agent.health.drift_repairs == 0
+        # A check that overlaps nothing and finds the kernel changed does repair.
+        sleeping.clear()
+        periods.put_nowait(None)
+        await asyncio.wait_for(sleeping.wait(), 10)
+        assert s.agent.health.drift_repairs == 1 and s.kernel.applies[-1].full
+    assert applies == 2  # the overlapping check voided: no repair apply
