@@ -145,6 +145,8 @@ class StatusWriter:
         # written one (see _held_back)
         self._held_since: dict[str, float] = {}
         self._held: dict[str, PolicyKey] = {}  # the same names -> their policy, while held back
+        self._listing: asyncio.Task[None] | None = None  # the periodic listing, while it runs
+        self._created_during_listing: set[str] = set()  # objects it may have missed
 
     # --- inputs ---------------------------------------------------------
 
@@ -291,8 +293,20 @@ class StatusWriter:
         a changed status) are written by up to ``concurrency`` writers at once, each object
         on its own: its failure and backoff are its own."""
         now = self._now()
-        if self._resync or now >= self._next_resync:
-            await self._resync_objects(now)
+        if self._resync:
+            if self._listing is not None:  # superseded by this one
+                self._listing.cancel()
+                self._listing = None
+            await self._resync_objects(now)  # becoming leader, a re-list: know what exists first
+        elif now >= self._next_resync and self._listing is None:
+            # The periodic listing (1,000 objects take the API server a second or more) runs
+            # beside the passes: a pass must not wait for it to write a new policy's status.
+            self._created_during_listing = set()
+            self._listing = asyncio.create_task(self._resync_objects(now), name="status-listing")
+            self._listing.add_done_callback(lambda _: self._wake.set())
+        if self._listing is not None and self._listing.done():
+            listing, self._listing = self._listing, None
+            listing.result()  # its errors are handled inside (recorded, retried)
         await self._delete_orphans(now)
         for name, since in list(self._held_since.items()):
             if since + self.interval <= now and name in self._held:
@@ -334,6 +348,12 @@ class StatusWriter:
                 # facts() is CPU work (policy warnings); when no status changes nothing above awaits
                 # I/O, so yield: a pass over many policies must not stall the syncer's commits.
                 await asyncio.sleep(0)
+
+    @property
+    def listing(self) -> asyncio.Task[None] | None:
+        """The periodic listing of the objects while it runs beside the passes (its result is
+        taken in at the start of the first pass after it ended)."""
+        return self._listing
 
     def _held_back(self, name: str, status: Mapping[str, Any], now: float) -> bool:
         """Whether to hold back a changed status for now.
@@ -389,13 +409,20 @@ class StatusWriter:
             ) == "netfence":
                 self._deleting.add(name)
         known_written, known_spec, known_generations = self.written, self._last_spec, self.generations
-        self.existing = {n for n in listed if n in wanted}
-        self.written = {
-            n: s for n in self.existing if (s := strip_times(listed[n].get("status"))) is not None
-        }
-        self.full_status = {n: listed[n]["status"] for n in self.existing if listed[n].get("status")}
-        self._last_spec = {n: listed[n].get("spec", {}) for n in self.existing}
-        self.generations = {n: object_generation(listed[n]) for n in self.existing}
+        # Objects created while a background listing ran may be missing from it: they exist, as
+        # this writer knows them.
+        carried = (self._created_during_listing & self.existing & wanted) - listed.keys()
+        self._created_during_listing = set()
+        found = {n for n in listed if n in wanted}
+        self.existing = found | carried
+        self.written = {n: s for n in found if (s := strip_times(listed[n].get("status"))) is not None} | {
+            n: known_written[n] for n in carried if n in known_written}
+        self.full_status = {n: listed[n]["status"] for n in found if listed[n].get("status")} | {
+            n: self.full_status[n] for n in carried if n in self.full_status}
+        self._last_spec = {n: listed[n].get("spec", {}) for n in found} | {
+            n: known_spec[n] for n in carried if n in known_spec}
+        self.generations = {n: object_generation(listed[n]) for n in found} | {
+            n: known_generations[n] for n in carried if n in known_generations}
         self._resync = False
         self._next_resync = now + self.resync_seconds
         # Compute again the objects that are missing or not as this writer left them (someone
@@ -533,6 +560,7 @@ class StatusWriter:
             created = await self.kube.create_status(name, spec)
             self.api_writes += 1
             self.existing.add(name)
+            self._created_during_listing.add(name)
             self.written.pop(name, None)
             self.full_status.pop(name, None)
             self._last_spec[name] = spec if created is not None else {}  # 409: adopt, and fix its spec

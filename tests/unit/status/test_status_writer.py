@@ -45,6 +45,8 @@ class FakeKube:
         self.events: list[tuple[dict[str, str], str, str]] = []
         self.calls: list[tuple[str, str]] = []
         self.called = asyncio.Event()
+        self.list_gate = asyncio.Event()  # cleared: a listing waits (a slow API server), its snapshot taken
+        self.list_gate.set()
 
     def _call(self, op: str, name: str) -> None:
         self.calls.append((op, name))
@@ -54,7 +56,9 @@ class FakeKube:
 
     async def list_statuses(self) -> dict[str, dict[str, Any]]:
         self._call("list", "")
-        return json.loads(json.dumps(self.objects))  # type: ignore[no-any-return]
+        snapshot = json.loads(json.dumps(self.objects))
+        await self.list_gate.wait()
+        return snapshot  # type: ignore[no-any-return]
 
     async def create_status(self, name: str, spec: dict[str, Any]) -> dict[str, Any] | None:
         self._call("create", name)
@@ -137,6 +141,15 @@ def setup(*names: str) -> tuple[Writer, FakeKube, WorldTracker]:
     writer.clock = Clock()
     writer.mark_all()
     return writer, kube, world
+
+
+async def periodic_listing(writer: StatusWriter) -> None:
+    """A pass that starts the periodic listing (beside the passes), its end, and the pass that
+    takes it in."""
+    await writer.flush()
+    assert writer.listing is not None
+    await writer.listing
+    await writer.flush()
 
 
 def phase(kube: FakeKube, name: str) -> str | None:
@@ -235,7 +248,7 @@ async def test_a_rejected_status_is_replaced_by_a_reduced_one() -> None:
     # status, which differs from the computed one: the full status is written.
     kube.reject_status = None
     writer.clock.now += writer.resync_seconds
-    await writer.flush()
+    await periodic_listing(writer)
     assert all(c["type"] != "StatusWriteFailed" for c in kube.objects["ns.a"]["status"]["conditions"])
 
 
@@ -278,7 +291,7 @@ async def test_periodic_listing_finds_orphans() -> None:
     assert "ns.late" in kube.objects  # not listed again yet
     writer.clock.now += writer.resync_seconds
     assert writer.next_due() <= writer.clock.now
-    await writer.flush()
+    await periodic_listing(writer)
     assert "ns.late" not in kube.objects
 
 
@@ -512,3 +525,24 @@ async def test_a_relisting_computes_again_only_objects_not_as_the_writer_left_th
     writer.request_resync()
     await writer.flush()
     assert writer.evaluations - before == 3
+
+
+async def test_a_new_policy_is_written_while_the_periodic_listing_is_still_running() -> None:
+    """The periodic listing runs beside the passes: a slow listing (1,000 objects) must not hold a
+    new policy's status; an object created meanwhile is not in the listing, yet it is known to exist."""
+    writer, kube, world = setup("a")
+    await writer.flush()
+    kube.list_gate.clear()
+    writer.clock.now += writer.resync_seconds
+    await writer.flush()  # starts the listing, which hangs
+    assert writer.listing is not None and not writer.listing.done()
+    world.apply("networkpolicies", "ADDED", policy("ns", "b", 50))
+    writer.mark_all()
+    await writer.flush()
+    assert phase(kube, "ns.b") == "Enforced" and not writer.listing.done()
+    kube.list_gate.set()
+    await writer.listing
+    creates = kube.count("create", "ns.b")
+    await writer.flush()
+    assert "ns.b" in writer.existing and kube.count("create", "ns.b") == creates  # no second create
+    assert writer.listing is None
