@@ -297,6 +297,7 @@ class StatusWriter:
             if self._listing is not None:  # superseded by this one
                 self._listing.cancel()
                 self._listing = None
+            self._created_during_listing = set()  # nothing runs beside it: the listing is authoritative
             await self._resync_objects(now)  # becoming leader, a re-list: know what exists first
         elif now >= self._next_resync and self._listing is None:
             # The periodic listing (1,000 objects take the API server a second or more) runs

@@ -546,3 +546,14 @@ async def test_a_new_policy_is_written_while_the_periodic_listing_is_still_runni
     await writer.flush()
     assert "ns.b" in writer.existing and kube.count("create", "ns.b") == creates  # no second create
     assert writer.listing is None
+
+
+async def test_an_object_deleted_by_someone_is_recreated_after_a_relisting() -> None:
+    """A listing awaited by the pass (a re-list after a watch gap) is authoritative: an object this
+    writer created earlier and someone deleted since is missing, so it is created again."""
+    writer, kube, _ = setup("a")
+    await writer.flush()
+    del kube.objects["ns.a"]
+    writer.request_resync(full=False)
+    await writer.flush()
+    assert phase(kube, "ns.a") == "Enforced" and kube.count("create", "ns.a") == 2
