@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Protocol
 
-from netfence.agent.loop import Agent
+
+class Runnable(Protocol):
+    """A long-running loop of ours: the agent (agent/loop.py), the syncer (controller/syncer.py)."""
+
+    async def run(self) -> None: ...
 
 
 @contextlib.asynccontextmanager
-async def running(agent: Agent) -> AsyncIterator[None]:
-    """``agent.run()`` for the body of the ``async with``; cancelled and awaited after it."""
-    task = asyncio.create_task(agent.run())
+async def running(loop: Runnable) -> AsyncIterator[None]:
+    """``loop.run()`` for the body of the ``async with``; cancelled and awaited after it."""
+    task = asyncio.create_task(loop.run())
     try:
         yield
     finally:

@@ -16,6 +16,7 @@ from netfence.model.enforcement import (
     NodeNetwork,
     PeerSet,
 )
+from netfence.model.peersets import node_key
 from netfence.model.relevance import NodeUses, node_uses
 from netfence.store.migration import META_SCHEMA, SCHEMAS, SchemaError, assemble_set, parse_set_key, stored_schema
 
@@ -47,7 +48,7 @@ class NodeState:
         self.endpoints: dict[str, Endpoint] = {}
         #: this node's pod CIDRs from ``nodes/<node>`` (None: no such key; --pod-cidrs=auto reads them)
         self.pod_cidrs: tuple[str, ...] | None = None
-        self._node_key = f"nodes/{node}"
+        self._node_key = node_key(node)
         self.decode_errors: dict[str, str] = {}
         self.foreign: dict[str, int] = {}  # key -> revision of a foreign write (not applied)
         self._uses: NodeUses | None = None  # cache of uses(); dropped when a key it reads from changes

@@ -5,14 +5,12 @@ foreign write, and removed by a reconcile when stale."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from tests.fakes.agent import running
 from tests.fakes.store import FakeLeadership, FakeStore, MemoryEtcd
 
 from netfence.controller.syncer import EtcdSyncer, is_guarded
@@ -65,16 +63,6 @@ def test_node_keys_are_the_controllers_committed_keys() -> None:
     assert L.Layout.parse_node("status/nodes/n1") is None and not L.is_committed_key("status/nodes/n1")
     with pytest.raises(ValueError):
         L.Layout.node("a/b")
-
-
-@contextlib.asynccontextmanager
-async def running(sync: EtcdSyncer) -> AsyncIterator[None]:
-    task = asyncio.create_task(sync.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_the_syncer_writes_and_deletes_node_keys_and_reconciles_them() -> None:
