@@ -249,7 +249,9 @@ def controller_parser(env: Mapping[str, str] | None = None) -> argparse.Argument
     opt.add("--kubeconfig", "KUBECONFIG", None, "kubeconfig file; default: in-cluster config, then ~/.kube/config")
     opt.add("--identity", "IDENTITY", None, "this replica's name in the leader election (default: host name)")
     opt.add("--lease-ttl", "LEASE_TTL", "5", "TTL in seconds of the leader lease")
-    opt.add("--coalesce-ms", "COALESCE_MS", "20", "changes arriving within this window are written together")
+    opt.add("--coalesce-ms", "COALESCE_MS", "20",
+            "at most one etcd write per window: an isolated change is written at once; changes "
+            "during or right after a write wait for the window and are written together")
     opt.add("--status-interval-ms", "STATUS_INTERVAL_MS", "200",
             "a ClusterPolicyStatus that is not Enforced (a change still spreading, progress) is written once "
             "it held this long, so at most once per interval; Enforced is written at once")

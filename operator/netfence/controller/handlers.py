@@ -44,6 +44,14 @@ class _NoStorage(kopf.ProgressStorage):  # type: ignore[misc]
 
 
 class _NoDiffBase(kopf.DiffBaseStorage):  # type: ignore[misc]
+    """No change detection: every handler here is an ``on.event`` handler, which Kopf calls
+    for every event whatever the diff. Kopf still builds an "essence" of each object per
+    event (a deep copy of the whole body) for its diff; an empty one costs nothing (that
+    copy was about 1 ms of CPU per event, a tenth of the controller's cold start)."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
     def fetch(self, **_: Any) -> None:
         return None
 

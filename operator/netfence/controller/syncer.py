@@ -1,8 +1,11 @@
 """Writes the engine's desired state to etcd: coalesced, fenced, and self-healing.
 
-Only the leader writes. Every burst of engine changes is drained after a short
-coalescing window and written as one logical change (one or more fenced
-transactions ending with the commit marker). When leadership is (re)gained,
+Only the leader writes. A change that arrives while the syncer is idle is
+written at once; changes that arrive during a write, or within the coalescing
+window after it ends, are drained together when that window has passed and
+written as one logical change (one or more fenced transactions ending with the
+commit marker). So an isolated change pays no window, and a burst costs at most
+one write per window. When leadership is (re)gained,
 after any write error, and periodically, the syncer *reconciles*: it reads the
 whole prefix and writes exactly the difference to the desired state, which
 also deletes state of objects removed while no controller ran and rewrites
@@ -35,7 +38,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from netfence.model.compiler import ModelEngine
@@ -103,6 +106,8 @@ class EtcdSyncer:
         self._needs_reconcile = True
         self._written_observed: dict[str, int] = {}
         self._last_reconcile = 0.0
+        self._last_write = -float("inf")  # monotonic end of the last write or reconcile
+        self.coalesce_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # the window's wait (tests)
         # Layout schema (see store/migration.py).
         self.target_schema = check_schema(target_schema)
         self.schema = 1  # the layout in etcd (meta/schema), as of the last reconcile or commit
@@ -203,17 +208,21 @@ class EtcdSyncer:
             except TimeoutError:
                 self._needs_reconcile = True
             self._wake.clear()
-            if self.coalesce_seconds:
-                await asyncio.sleep(self.coalesce_seconds)
+            window = self.coalesce_seconds - (time.monotonic() - self._last_write)
+            if window > 0:  # a write ended less than a window ago: let the burst gather
+                await self.coalesce_sleep(window)
             if not self.election.is_leader:
                 self.engine.drain_changes()  # the next leader reconciles from desired()
                 self._needs_reconcile = True
                 continue
             try:
-                if self._needs_reconcile or self.wanted_schema() != self.schema:
-                    await self.reconcile()
-                else:
-                    await self._write_changes()
+                try:
+                    if self._needs_reconcile or self.wanted_schema() != self.schema:
+                        await self.reconcile()
+                    else:
+                        await self._write_changes()
+                finally:
+                    self._last_write = time.monotonic()
                 self.healthy = True
                 self.last_error = None
                 backoff = 0.2

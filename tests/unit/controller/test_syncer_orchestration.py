@@ -217,3 +217,33 @@ async def test_notifications_during_a_write_are_coalesced_into_the_next_one() ->
         assert sync.commit_revision == etcd.commit_revision()
         assert world.drain_changes() == {}
         assert len(etcd.changes_written) == written + 2
+
+
+async def test_an_isolated_change_pays_no_window_and_one_right_after_a_write_waits_for_it() -> None:
+    etcd = MemoryEtcd()
+    world = engine()
+    sync = syncer(world, FakeStore(etcd, "A"), FakeLeadership(etcd.elect("A")), coalesce=30.0)
+    waits: list[float] = []
+    gate = asyncio.Event()
+
+    async def window(delay: float) -> None:  # records the window instead of sleeping it
+        waits.append(delay)
+        await gate.wait()
+
+    sync.coalesce_sleep = window
+    async with running(sync):
+        await etcd.until(lambda: etcd.commit_revision() > 0)  # the first reconcile: nothing written before
+        assert waits == []
+        gate.set()  # windows from here on end at once
+        sync._last_write = -float("inf")  # idle for longer than any window
+        written = len(etcd.changes_written)
+        add_pods(world, 400, 1)
+        sync.notify()
+        await etcd.until(lambda: len(etcd.changes_written) > written)
+        assert waits == []  # written at once
+        add_pods(world, 401, 1)
+        sync.notify()
+        await etcd.until(lambda: len(etcd.changes_written) > written + 1)
+        [delay] = waits  # the second change came right after a write: it waited out the window
+        assert 29.0 < delay <= 30.0
+        assert "endpoints/n1/a/w401" in etcd.changes_written[written + 1]
