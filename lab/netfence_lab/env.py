@@ -327,8 +327,11 @@ class NetfenceEnv:
                 ]
             }
             pending = []
+            cluster_names = {cnp["metadata"]["name"] for cnp in cluster_policies}
             for policy in policies:
                 name = f"{policy.metadata.namespace}.{policy.metadata.name}"
+                if policy.metadata.namespace == "cnp" and policy.metadata.name in cluster_names:
+                    continue  # its status name is the ClusterNetworkPolicy's, which owns it (docs/design.md)
                 obj = statuses.get(name, {})
                 status = obj.get("status") or {}
                 # policyGeneration: the NetworkPolicy's; observedGeneration: the status object's own

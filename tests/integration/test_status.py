@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ import pytest
 from kubernetes_asyncio import client, watch
 from tests.integration.enforcement_helpers import manifest, store_of
 
-from netfence_lab.cluster import LocalCluster
+from netfence_lab.cluster import LocalCluster, cluster_network_policy_crd
 from netfence_lab.env import NetfenceEnv
 
 NS = "stw"
@@ -239,3 +239,94 @@ async def test_observed_generation_is_the_status_objects_own(env: NetfenceEnv) -
     ready = next(c for c in after["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True" and ready["observedGeneration"] == after["metadata"]["generation"]
     assert all(c["observedGeneration"] == after["metadata"]["generation"] for c in after["status"]["conditions"])
+
+
+async def status_object(env: NetfenceEnv, name: str) -> dict[str, Any] | None:
+    custom = client.CustomObjectsApi(env.api)
+    items = (await custom.list_cluster_custom_object("netfence.dev", "v1alpha1", "clusterpolicystatuses"))["items"]
+    return next((i for i in items if i["metadata"]["name"] == name), None)
+
+
+async def wait_for_status(
+    env: NetfenceEnv, name: str, check: Callable[[dict[str, Any]], bool], timeout: float = 60
+) -> dict[str, Any]:
+    """Poll ClusterPolicyStatus ``name`` until ``check(obj)`` holds; returns it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        obj = await status_object(env, name)
+        if obj is not None and check(obj):
+            return obj
+        assert time.monotonic() < deadline, f"{name} never got there: {json.dumps(obj)[:2000]}"
+        await asyncio.sleep(0.1)
+
+
+def clash_warned(obj: dict[str, Any], hidden: str) -> bool:
+    return any(f"NetworkPolicy {hidden} " in w for w in (obj.get("status") or {}).get("warnings", []))
+
+
+async def clash_events(env: NetfenceEnv, namespace: str, name: str) -> list[Any]:
+    events = (await client.CoreV1Api(env.api).list_namespaced_event(namespace)).items
+    return [e for e in events if e.reason == "StatusNameClash" and e.involved_object.name == name]
+
+
+async def test_a_cluster_policy_owns_the_status_name_a_network_policy_also_wants(env: NetfenceEnv) -> None:
+    """ClusterNetworkPolicy ``clash`` and NetworkPolicy ``cnp/clash`` both want ``cnp.clash``: the
+    cluster policy takes the NetworkPolicy's object over (not deleted, not recreated), warns, and
+    nothing flips between them; when it goes, the NetworkPolicy gets its status back."""
+    if cluster_network_policy_crd() is None:
+        pytest.skip("the test bed has no ClusterNetworkPolicy CRD (hack/build-tools.sh fetches it)")
+    assert env.api is not None
+    name, hidden = "cnp.clash", "cnp/clash"
+    await env.ensure_namespace("cnp", {})
+    kind, rv = await env.apply_manifest(manifest("cnp", "clash", {"podSelector": {"matchLabels": {"app": "none"}}}))
+    await env.wait_enforced({kind: rv}, timeout=60)
+    before = await wait_for_status(env, name, lambda o: o["spec"]["kind"] == "NetworkPolicy")
+    custom = client.CustomObjectsApi(env.api)
+    listed = await custom.list_cluster_custom_object("netfence.dev", "v1alpha1", "clusterpolicystatuses")
+    counter = WriteCounter()
+    watcher = asyncio.create_task(count_writes(env.api, listed["metadata"]["resourceVersion"], counter))
+    try:
+        await env.apply_manifest({
+            "apiVersion": "policy.networking.k8s.io/v1beta1", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "clash"},
+            "spec": {"tier": "Admin", "priority": 7,
+                     "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "none-such"}}},
+                     "ingress": [{"action": "Accept", "from": [{"namespaces": {}}]}]},
+        })
+        owned = await wait_for_status(env, name, lambda o: o["spec"]["kind"] == "ClusterNetworkPolicy"
+                                      and (o.get("status") or {}).get("phase") == "Enforced"
+                                      and clash_warned(o, hidden))
+        assert owned["metadata"]["uid"] == before["metadata"]["uid"]  # taken over, not recreated
+        assert owned["spec"]["policyRef"] == "clash"
+        warning = next(c for c in owned["status"]["conditions"] if c["type"] == "Warning")
+        assert "rename" in warning["message"]
+        deadline = time.monotonic() + 30
+        while not await clash_events(env, "cnp", "clash"):
+            assert time.monotonic() < deadline, "no StatusNameClash event on the NetworkPolicy"
+            await asyncio.sleep(0.2)
+
+        # The NetworkPolicy's edits and the controller's passes do not move the object.
+        await counter.quiet(2.0)
+        writes = counter.writes(name)
+        await env.apply_manifest(manifest("cnp", "clash", {"podSelector": {"matchLabels": {"app": "other"}}}))
+        await counter.quiet(3.0)
+        assert counter.writes(name) == writes, counter.events
+        assert (await status_object(env, name) or {})["spec"]["kind"] == "ClusterNetworkPolicy"
+
+        await env.delete_cluster_policy("clash")
+        back = await wait_for_status(env, name, lambda o: o["spec"]["kind"] == "NetworkPolicy"
+                                     and (o.get("status") or {}).get("phase") == "Enforced"
+                                     and not clash_warned(o, hidden))
+        assert back["metadata"]["uid"] == before["metadata"]["uid"]
+        policy = await client.NetworkingV1Api(env.api).read_namespaced_network_policy("clash", "cnp")
+        assert back["status"]["policyGeneration"] == policy.metadata.generation
+        assert counter.events[(name, "DELETED")] == 0 and counter.events[(name, "ADDED")] == 0
+        assert len(await clash_events(env, "cnp", "clash")) == 1
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        with contextlib.suppress(Exception):
+            await env.delete_cluster_policy("clash")
+        with contextlib.suppress(Exception):
+            await env.delete_policy("cnp", "clash")

@@ -28,6 +28,18 @@ class KeyState:
     found: bool | None  # pinned: whether the kernel held rules/sets for it (None: not read yet)
 
 
+#: What is enforced for a key without a good value when the kernel held nothing for it, by pin kind.
+_NOTHING_PINNED: dict[str, str] = {
+    "endpoint": "this endpoint has no rules here",
+    "cluster_policy": "traffic that reaches it on the endpoints naming it is denied",
+}
+
+
+def nothing_pinned(pin: PinKey) -> str:
+    """What happens to ``pin``'s traffic when there was nothing to pin (fail closed)."""
+    return _NOTHING_PINNED.get(pin[0], "it matches nothing")
+
+
 def describe(reason: str, state: KeyState) -> str:
     """One line: why the key is bad, and what is enforced for it meanwhile."""
     if state.pin is None:
@@ -38,10 +50,8 @@ def describe(reason: str, state: KeyState) -> str:
         what = "; no good value yet"
     elif state.found:
         what = "; no good value: the rules already in the kernel for it are kept"
-    elif state.pin[0] == "endpoint":
-        what = "; no good value and no rules in the kernel for it: this endpoint has no rules here"
     else:
-        what = "; no good value and no rules in the kernel for it: it matches nothing"
+        what = f"; no good value and no rules in the kernel for it: {nothing_pinned(state.pin)}"
     text = " ".join(f"{reason}{what}".split())  # one line
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
 

@@ -46,7 +46,7 @@ from typing import Any
 
 from netfence import __version__
 from netfence.agent.commits import Action, absorb, coalesced, node_ranges
-from netfence.agent.integrity import KeyState, bad_key_entries, report_fields, unenforceable_entries
+from netfence.agent.integrity import KeyState, bad_key_entries, nothing_pinned, report_fields, unenforceable_entries
 from netfence.agent.metrics import AgentMetrics
 from netfence.agent.node_state import NodeState
 from netfence.config import AgentConfig
@@ -268,7 +268,7 @@ class Agent:
                     log.warning(
                         "%s has no good value (%s); %s", key, self.state.bad_keys().get(key, "bad"),
                         "keeping the rules the kernel holds for it" if kept
-                        else "the kernel holds no rules for it: it matches nothing",
+                        else f"the kernel holds no rules for it: {nothing_pinned(pin)}",
                     )
         return self._pins.pinned(unresolved.values())
 

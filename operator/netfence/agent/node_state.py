@@ -176,6 +176,8 @@ class NodeState:
         kind, _, rest = key.partition("/")
         if kind == "policies":
             return ("policy", rest)
+        if kind == "cpolicies":
+            return ("cluster_policy", rest)
         if kind == "endpoints":
             return ("endpoint", rest.partition("/")[2])
         if kind == "sets" and self.layout == 1:
@@ -189,6 +191,8 @@ class NodeState:
         kind, name = pin
         if kind == "policy":
             return name in self.policies
+        if kind == "cluster_policy":
+            return name in self.cluster_policies
         if kind == "endpoint":
             return name in self.endpoints
         return name in (self._assembled if self.layout >= 2 else self.sets)

@@ -42,10 +42,26 @@ def _int(value: Any) -> int:
         return 0
 
 
+# ClusterPolicyStatus names of ClusterNetworkPolicies start with this and a dot: a NetworkPolicy in
+# a namespace of this name wants the same name as the cluster policy of its name (see cps_claimants).
+CLUSTER_STATUS_PREFIX = "cnp"
+
+
 def cps_name(namespace: str, name: str) -> str:
     """ClusterPolicyStatus name of a NetworkPolicy: ``<namespace>.<name>``; of a
     ClusterNetworkPolicy (empty namespace): ``cnp.<name>``."""
-    return f"{namespace}.{name}" if namespace else f"cnp.{name}"
+    return f"{namespace}.{name}" if namespace else f"{CLUSTER_STATUS_PREFIX}.{name}"
+
+
+def cps_claimants(name: str) -> tuple[tuple[str, str], ...]:
+    """The policies (``(namespace, name)``, ``""`` for a ClusterNetworkPolicy) whose status object
+    would be called ``name``, the one that owns it when both exist first: ``cnp.<x>`` is wanted by
+    the ClusterNetworkPolicy ``x`` and by the NetworkPolicy ``x`` of namespace ``cnp``; any other
+    name by one NetworkPolicy (a namespace name has no dot)."""
+    namespace, _, policy = name.partition(".")
+    if namespace == CLUSTER_STATUS_PREFIX:
+        return ("", policy), (namespace, policy)
+    return ((namespace, policy),)
 
 
 @dataclass

@@ -20,6 +20,14 @@ that object, which is retried with its own backoff (0.5 s doubling, capped at
 does not exist). When the API server rejects a status as invalid, a reduced
 status (phase, counters, conditions and a ``StatusWriteFailed`` condition with
 the error) is written instead, so the object's phase stays true.
+
+Names: ``<namespace>.<name>`` for a NetworkPolicy, ``cnp.<name>`` for a
+ClusterNetworkPolicy, so the NetworkPolicy ``x`` of a namespace ``cnp`` wants the
+cluster policy ``x``'s object. That object is the ClusterNetworkPolicy's while it
+exists (whichever came first); the NetworkPolicy then has no status object, the
+cluster policy's status carries a warning naming it, and the clash is logged and
+posted as an Event on the NetworkPolicy once. When the cluster policy goes, the
+NetworkPolicy gets the object back (``cps_claimants``).
 """
 
 from __future__ import annotations
@@ -37,7 +45,15 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from netfence.controller.kube import KubeApi, api_error_text, cps_name, cps_reference, policy_reference
+from netfence.controller.kube import (
+    CLUSTER_STATUS_PREFIX,
+    KubeApi,
+    api_error_text,
+    cps_claimants,
+    cps_name,
+    cps_reference,
+    policy_reference,
+)
 from netfence.controller.world import PolicyMeta, WorldTracker
 from netfence.model.compiler import ModelEngine
 from netfence.model.relevance import node_revisions
@@ -147,6 +163,9 @@ class StatusWriter:
         self._held: dict[str, PolicyKey] = {}  # the same names -> their policy, while held back
         self._listing: asyncio.Task[None] | None = None  # the periodic listing, while it runs
         self._created_during_listing: set[str] = set()  # objects it may have missed
+        # Names x of ClusterNetworkPolicies whose status object cnp.x the NetworkPolicy cnp/x also
+        # wants (as last seen: each clash is logged and posted once, see _track_clashes).
+        self._clashes: set[str] = set()
 
     # --- inputs ---------------------------------------------------------
 
@@ -160,6 +179,8 @@ class StatusWriter:
         """Compute every status again (the model did not change: warnings are kept)."""
         self._dirty.update(self.world.policies)
         self._check_orphans = True
+        # Clashes neither of whose policies is left (a marked survivor updates the others).
+        self._clashes = {n for n in self._clashes if any(k in self.world.policies for k in clash_keys(n))}
         self._wake.set()
 
     def mark(self, keys: Iterable[PolicyKey]) -> None:
@@ -196,7 +217,11 @@ class StatusWriter:
         write time, so calling this for a policy that came back is harmless. Not leading:
         nothing to remember (becoming leader lists the objects and deletes orphans)."""
         if self.is_leader():
+            keys = set(keys)
             self._deleting.update(cps_name(ns, name) for ns, name in keys)
+            # A clash over a cnp.<name> object may have ended: the other policy takes the object
+            # (back), or loses its warning (_track_clashes). The object stays while one exists.
+            self._dirty.update(k for k in keys if k[0] in ("", CLUSTER_STATUS_PREFIX))
             self._wake.set()
 
     def on_commit(self, revision: int, keys: set[str]) -> None:
@@ -233,10 +258,9 @@ class StatusWriter:
 
     def status_deleted(self, name: str) -> None:
         """Someone deleted a status object: forget it so it is recreated (only it: ``<ns>.<name>``,
-        and a namespace name has no dot)."""
+        and a namespace name has no dot; ``cnp.<name>`` by whichever policy owns it)."""
         self._forget(name)
-        namespace, _, policy = name.partition(".")
-        self._mark_flipped({(namespace, policy)})
+        self._mark_flipped(set(cps_claimants(name)))
 
     async def delete(self, namespace: str, name: str) -> None:
         """The policy was deleted: its status object goes (asynchronously, retried on errors)."""
@@ -313,21 +337,18 @@ class StatusWriter:
             if since + self.interval <= now and name in self._held:
                 self._dirty.add(self._held.pop(name))
         dirty, self._dirty = self._dirty, set()
+        hidden = self._track_clashes(dirty)
         hits = bad_key_hits(self.reports, self.engine) if dirty else {}
         async with asyncio.TaskGroup() as group:
             writers = BoundedTasks(group, self.concurrency)
+            for hidden_policy in hidden:
+                await writers.start(functools.partial(self._clash_event, hidden_policy))
             for key in sorted(dirty):
                 name = cps_name(*key)
                 meta = self.world.policies.get(key)
-                if meta is None:
-                    self._release(name)
-                    self.index.remove(key)
-                    self._warnings.pop(key, None)
-                    if name in self.existing:
-                        self._deleting.add(name)  # gone without policies_removed: the next pass deletes it
-                        self._wake.set()
-                    elif name not in self._deleting:
-                        self.failures.pop(name, None)  # nothing left to retry for it
+                owner = self._owner(name)
+                if meta is None or owner != key:
+                    self._not_written(key, name, owner)
                     continue
                 failure = self.failures.get(name)
                 if failure is not None and failure.due > now:
@@ -349,6 +370,60 @@ class StatusWriter:
                 # facts() is CPU work (policy warnings); when no status changes nothing above awaits
                 # I/O, so yield: a pass over many policies must not stall the syncer's commits.
                 await asyncio.sleep(0)
+
+    def _owner(self, name: str) -> PolicyKey | None:
+        """The policy whose status object ``name`` is (on a clash the ClusterNetworkPolicy's);
+        None when no policy in the world wants it."""
+        return next((key for key in cps_claimants(name) if key in self.world.policies), None)
+
+    def _not_written(self, key: PolicyKey, name: str, owner: PolicyKey | None) -> None:
+        """``key`` is gone, or the object of its name is another policy's (``owner``, a name
+        clash): forget its status. The object itself goes only when no policy owns it."""
+        self.index.remove(key)
+        self._warnings.pop(key, None)
+        if owner is not None:
+            return
+        self._release(name)
+        if name in self.existing:
+            self._deleting.add(name)  # gone without policies_removed: the next pass deletes it
+            self._wake.set()
+        elif name not in self._deleting:
+            self.failures.pop(name, None)  # nothing left to retry for it
+
+    def _track_clashes(self, dirty: set[PolicyKey]) -> list[PolicyMeta]:
+        """Note which ClusterNetworkPolicies among ``dirty`` now share their status object with
+        a NetworkPolicy (``cnp.<x>``: the cluster policy ``x`` and the NetworkPolicy ``cnp/x``).
+        Where that changed, both are added to ``dirty`` (the object changes hands, the cluster
+        policy's warning comes or goes) and it is logged, once per change. Returns the
+        NetworkPolicies that just lost their status object (an Event is posted on each)."""
+        hidden: list[PolicyMeta] = []
+        for policy in sorted({name for ns, name in dirty if ns in ("", CLUSTER_STATUS_PREFIX)}):
+            cluster, namespaced = clash_keys(policy)
+            clash = cluster in self.world.policies and namespaced in self.world.policies
+            if clash == (policy in self._clashes):
+                continue
+            dirty.update((cluster, namespaced))
+            self._release(cps_name(*cluster))  # a status held back was the other policy's
+            if clash:
+                self._clashes.add(policy)
+                hidden.append(self.world.policies[namespaced])
+                log.warning("ClusterPolicyStatus %s is ClusterNetworkPolicy %s's: NetworkPolicy %s/%s, which "
+                            "wants the same name, gets no status until one of them is renamed or deleted",
+                            cps_name(*cluster), policy, CLUSTER_STATUS_PREFIX, policy)
+            else:
+                self._clashes.discard(policy)
+                log.info("ClusterPolicyStatus %s: name clash between ClusterNetworkPolicy %s and NetworkPolicy "
+                         "%s/%s is over", cps_name(*cluster), policy, CLUSTER_STATUS_PREFIX, policy)
+        return hidden
+
+    async def _clash_event(self, meta: PolicyMeta) -> None:
+        name = cps_name(meta.namespace, meta.name)
+        await self._event(
+            policy_reference(meta.namespace, meta.name, meta.uid),
+            "StatusNameClash",
+            f"ClusterPolicyStatus {name} belongs to ClusterNetworkPolicy {meta.name} (same name): this "
+            "NetworkPolicy gets no status while that exists; rename it to get one (enforcement is not affected)",
+        )
 
     @property
     def listing(self) -> asyncio.Task[None] | None:
@@ -520,9 +595,12 @@ class StatusWriter:
         if error:
             warnings.append(f"invalid policy, not compiled: {error}")
         object_gen = self.generations.get(cps_name(meta.namespace, meta.name), 0)
+        hides = ""  # a ClusterNetworkPolicy's: the NetworkPolicy whose status object it takes
+        if not meta.namespace and clash_keys(meta.name)[1] in self.world.policies:
+            hides = f"{CLUSTER_STATUS_PREFIX}/{meta.name}"
         if view is None:
             return PolicyFacts(meta.namespace, meta.name, meta.generation, frozenset(), 0, 0, tuple(warnings),
-                               object_generation=object_gen)
+                               object_generation=object_gen, hides=hides)
         revision = max((self.key_revisions.get(k, 0) for k in view.relevant_keys), default=0)
         warnings.extend(view.warnings)
         # per node: the last change relevant to it (model/relevance.py); agents skip the others
@@ -538,6 +616,7 @@ class StatusWriter:
             bad_keys=bad_keys,
             object_generation=object_gen,
             node_revisions=per_node,
+            hides=hides,
         )
 
     def _evaluate(self, meta: PolicyMeta, bad_keys: tuple[BadKeyHit, ...] = ()) -> Evaluated:
@@ -569,6 +648,10 @@ class StatusWriter:
                 self.generations[name] = object_generation(created)
             evaluated = None  # the object's generation is known only now
         if self._last_spec.get(name) != spec:
+            if (self._last_spec.get(name) or {}).get("policyRef", spec["policyRef"]) != spec["policyRef"]:
+                # The object changes hands (a name clash began or ended): its conditions'
+                # transition times were the other policy's.
+                self.full_status.pop(name, None)
             patched = await self.kube.patch_spec(name, spec)
             self.api_writes += 1
             self._last_spec[name] = spec
@@ -609,6 +692,11 @@ class StatusWriter:
             self._last_spec[name] = present.get("spec") or {}
             self._dirty.add((meta.namespace, meta.name))
             self._wake.set()
+
+
+def clash_keys(name: str) -> tuple[PolicyKey, PolicyKey]:
+    """The ClusterNetworkPolicy ``name`` and the NetworkPolicy ``cnp/<name>``: both want ``cnp.<name>``."""
+    return ("", name), (CLUSTER_STATUS_PREFIX, name)
 
 
 def status_spec(meta: PolicyMeta) -> dict[str, Any]:

@@ -5,7 +5,8 @@ written at once; changes that arrive during a write, or within the coalescing
 window after it ends, are drained together when that window has passed and
 written as one logical change (one or more fenced transactions ending with the
 commit marker). So an isolated change pays no window, and a burst costs at most
-one write per window. When leadership is (re)gained,
+one write per window. A reconcile (below) always waits the window first, so that
+its triggers (a burst of foreign writes, an election) gather into one. When leadership is (re)gained,
 after any write error, and periodically, the syncer *reconciles*: it reads the
 whole prefix and writes exactly the difference to the desired state, which
 also deletes state of objects removed while no controller ran and rewrites
@@ -208,8 +209,11 @@ class EtcdSyncer:
             except TimeoutError:
                 self._needs_reconcile = True
             self._wake.clear()
-            window = self.coalesce_seconds - (time.monotonic() - self._last_write)
-            if window > 0:  # a write ended less than a window ago: let the burst gather
+            if self._needs_reconcile:  # start, election, foreign writes, errors: let their triggers gather
+                window = self.coalesce_seconds
+            else:  # a change: at once, unless a write ended less than a window ago (a burst gathers)
+                window = self.coalesce_seconds - (time.monotonic() - self._last_write)
+            if window > 0:
                 await self.coalesce_sleep(window)
             if not self.election.is_leader:
                 self.engine.drain_changes()  # the next leader reconciles from desired()

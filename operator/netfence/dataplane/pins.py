@@ -12,11 +12,16 @@ over verbatim until a good value arrives:
 * an endpoint ``ns/pod``: its chains ``nf-tw-<h>``/``nf-fw-<h>``, the dispatch
   rules in ``NETFENCE-TO-WL``/``NETFENCE-FROM-WL`` that go to them, and the
   policy chains they jump to (used only where the model renders none);
+* a cluster policy ``name``: its chains ``nf-ci-<h>``/``nf-co-<h>``
+  (``render_tiers.cluster_chain``; the fixed chains ``NETFENCE-CNP-ACCEPT``/
+  ``-PASS`` they go to are rendered from ``render_tiers.FIXED_CHAINS``, not
+  taken from the kernel);
 * a set id: its ipsets ``nf4-<id>``/``nf6-<id>``;
 * and every ipset the carried rules refer to.
 
 If the kernel holds nothing for the key (a fresh node), nothing is pinned and
-the key's rules match nothing; the agent reports which case applies.
+the key's rules match nothing (a cluster policy: the traffic of the endpoints
+naming it is denied); the agent reports which case applies.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Literal
 
 from netfence.dataplane.kernel import KernelState
 from netfence.dataplane.names import Direction, endpoint_chain, policy_chain, set_name
+from netfence.dataplane.render_tiers import cluster_chain
 from netfence.dataplane.ruleset import (
     FROM_WL_CHAIN,
     TO_WL_CHAIN,
@@ -38,7 +44,7 @@ from netfence.dataplane.ruleset import (
 )
 from netfence.model.enforcement import SetKind
 
-PinKind = Literal["policy", "set", "endpoint"]
+PinKind = Literal["policy", "cluster_policy", "set", "endpoint"]
 PinKey = tuple[PinKind, str]
 
 _SET_REF = re.compile(r"--match-set (\S+) ")
@@ -94,9 +100,10 @@ def carry(kernel: KernelState, key: PinKey, families: Iterable[Family]) -> Pinne
     for fam in families:
         table = kernel.table(fam)
         carried: dict[str, tuple[str, ...]] = {}
-        if kind == "policy":
+        if kind in ("policy", "cluster_policy"):
+            name_of = policy_chain if kind == "policy" else cluster_chain
             for direction, _ in _DISPATCH:
-                chain = policy_chain(direction, name)
+                chain = name_of(direction, name)
                 if chain in table.chains:
                     carried[chain] = table.chains[chain]
         elif kind == "endpoint":

@@ -178,6 +178,8 @@ class _FamilyRenderer:
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     set_ids: dict[str, str] = field(default_factory=dict)  # ipset name -> set id
     warned_sctp: bool = False
+    #: policy chain name -> (direction, policy key), built when pinned rules first need it
+    _policy_by_chain: dict[str, tuple[Direction, str]] | None = field(default=None, init=False, repr=False)
 
     @property
     def pinned_chains(self) -> dict[str, tuple[str, ...]]:
@@ -392,21 +394,12 @@ class _FamilyRenderer:
     def _add_jump_targets(self, out: dict[str, tuple[str, ...]]) -> None:
         """Add the chains that pinned rules jump to but were not rendered (from the kernel, or empty)."""
         todo = [t for rules in out.values() for r in rules for t in _TARGET.findall(r)]
-        by_chain: dict[str, tuple[Direction, str]] | None = None
         while todo:
             target = todo.pop()
             if target in out or not is_owned_chain(target):
                 continue
-            if target not in self.chains and target.startswith(("nf-pi-", "nf-po-")):
-                if by_chain is None:  # a pinned endpoint jumps to a policy with a good value: render it
-                    by_chain = {
-                        policy_chain(d, key): (d, key) for key in self.model.policies for d in DIRECTIONS
-                    }
-                if target in by_chain:
-                    direction, key = by_chain[target]
-                    policy = self.model.policies[key]
-                    compiled = (policy.ingress if direction == "ingress" else policy.egress) or ()
-                    self.policy_chain(direction, key, compiled)
+            if target not in self.chains:
+                self._render_target(target)
             if target in self.chains:
                 rules = self.chains[target]  # rendered (possibly empty: the policy matches nothing)
             elif target in self.pinned_chains:
@@ -415,6 +408,23 @@ class _FamilyRenderer:
                 continue  # pins always carry the chains their rules need
             out[target] = rules
             todo += [t for r in rules for t in _TARGET.findall(r)]
+
+    def _render_target(self, target: str) -> None:
+        """Render ``target`` if the model has it: a pinned endpoint jumps to a policy (or cluster
+        policy) with a good value, or pinned rules go to a fixed chain (never the kernel's copy)."""
+        if target in render_tiers.FIXED_CHAINS:
+            self.chains[target] = render_tiers.FIXED_CHAINS[target]
+        elif target.startswith(("nf-pi-", "nf-po-")):
+            if self._policy_by_chain is None:
+                self._policy_by_chain = {
+                    policy_chain(d, key): (d, key) for key in self.model.policies for d in DIRECTIONS
+                }
+            if target in self._policy_by_chain:
+                direction, key = self._policy_by_chain[target]
+                policy = self.model.policies[key]
+                self.policy_chain(direction, key, (policy.ingress if direction == "ingress" else policy.egress) or ())
+        elif target.startswith(render_tiers.CLUSTER_CHAIN_PREFIXES):
+            render_tiers.render_target(self, target)
 
 
 def render(model: NodeModel, *, features: Features = Features(), pinned: Pinned | None = None) -> Ruleset:
@@ -437,10 +447,13 @@ def render(model: NodeModel, *, features: Features = Features(), pinned: Pinned 
 
 
 def unenforceable(model: NodeModel, features: Features) -> list[tuple[str, str]]:
-    """``(policy key, feature id)`` of policies applied on this node with rules the kernel cannot match.
+    """``(policy, feature id)`` of policies applied on this node with rules the kernel cannot match.
 
-    Those rules are rendered to match nothing (see ``Features``); the agent
-    lists these pairs in its report's ``unenforceable``.
+    Those rules are rendered fail closed (see ``Features``; a cluster policy's Deny rule denies
+    any SCTP port instead); the agent lists these pairs in its report's ``unenforceable``. A
+    NetworkPolicy is named ``ns/name``, a cluster policy ``/name`` (empty namespace: the key
+    the controller's status aggregation looks it up by). Cluster policies count where their
+    chain is rendered: Admin tier always, Baseline only where no NetworkPolicy isolates.
     """
     if features.sctp_port_match:
         return []
@@ -448,15 +461,43 @@ def unenforceable(model: NodeModel, features: Features) -> list[tuple[str, str]]
     for ep in model.endpoints.values():
         if not ep.ips:
             continue
-        for direction, keys in (("ingress", ep.ingress), ("egress", ep.egress)):
-            for key in keys:
-                policy = model.policies.get(key)
-                if policy is None:
-                    continue
-                rules = (policy.ingress if direction == "ingress" else policy.egress) or ()
-                if any(_sctp_port(port) for rule in rules for port in rule.ports or ()):
-                    found.add((key, SCTP_PORT_MATCH))
+        for direction in DIRECTIONS:
+            keys = _sctp_policies(model, ep, direction)
+            keys |= {cluster_policy_id(name) for name in _sctp_cluster_policies(model, ep, direction)}
+            found |= {(key, SCTP_PORT_MATCH) for key in keys}
     return sorted(found)
+
+
+def cluster_policy_id(name: str) -> str:
+    """How reports name a cluster policy: ``/<name>`` (namespace empty, as the controller holds it)."""
+    return "/" + name
+
+
+def _sctp_policies(model: NodeModel, ep: Endpoint, direction: Direction) -> set[str]:
+    """The NetworkPolicies ``ep`` lists in ``direction`` that have SCTP port rules there."""
+    out = set()
+    for key in ep.ingress if direction == "ingress" else ep.egress:
+        policy = model.policies.get(key)
+        if policy is None:
+            continue
+        rules = (policy.ingress if direction == "ingress" else policy.egress) or ()
+        if any(_sctp_port(port) for rule in rules for port in rule.ports or ()):
+            out.add(key)
+    return out
+
+
+def _sctp_cluster_policies(model: NodeModel, ep: Endpoint, direction: Direction) -> set[str]:
+    """The cluster policies rendered in ``ep``'s ``direction`` that have SCTP port rules there."""
+    admin, baseline = ep.tiers(direction)
+    isolated = bool(ep.ingress if direction == "ingress" else ep.egress)
+    out = set()
+    for name in admin if isolated else (*admin, *baseline):
+        policy = model.cluster_policies.get(name)
+        if policy is None:
+            continue
+        if any(_sctp_port(port) for rule in policy.rules(direction) for port in rule.match.ports or ()):
+            out.add(name)
+    return out
 
 
 def _sctp_port(port: CompiledPort) -> bool:

@@ -29,8 +29,10 @@ policy decides (a later rule of the same policy is never reached), like the
 API's rule order. Chains are named by the policy's identity, so a rule change
 rewrites only its own chain.
 
-Fail closed: a cluster policy an endpoint names but the model lacks (a bad
-key) drops that direction's traffic from there on; a Deny rule whose peer sets
+Fail static, then closed: a cluster policy an endpoint names but the model
+lacks (a bad key) keeps the chain the kernel already holds for it (pinned by
+the agent, dataplane/pins.py: exactly what was enforced before); without one
+it drops that direction's traffic from there on. A Deny rule whose peer sets
 are all missing denies any peer; on a node whose kernel cannot match SCTP
 ports, a Deny rule's SCTP ports become "any SCTP port" (an Accept rule's match
 nothing, as for NetworkPolicy). Nothing is ever allowed that the policy as
@@ -69,6 +71,8 @@ RETURN_IF_ACCEPTED = f"-m mark --mark {ACCEPT_MARK:#x}/{ACCEPT_MARK:#x} -j RETUR
 #: The fixed chains the rule targets go to, and their one rule.
 FIXED_CHAINS: dict[str, tuple[str, ...]] = {CNP_ACCEPT_CHAIN: (_MARK_ACCEPT,), CNP_PASS_CHAIN: (_MARK_PASS,)}
 _COMMENT_SAFE = re.compile(r"[^ A-Za-z0-9._/:-]")
+_TARGET = re.compile(r"-[jg] (\S+)")
+_DIRECTIONS: tuple[Direction, ...] = ("ingress", "egress")
 
 
 def _comment(text: str) -> str:  # the spelling of render._comment (iptables-save prints it back so)
@@ -130,16 +134,55 @@ def _policy_chain(r: _FamilyRenderer, direction: Direction, policy: CompiledClus
     return name if r.chains[name] else None
 
 
+def fixed_targets(lines: tuple[str, ...]) -> list[str]:
+    """The fixed chains (``FIXED_CHAINS``) that ``lines`` go to, in order."""
+    return [t for t in dict.fromkeys(_TARGET.findall("\n".join(lines))) if t in FIXED_CHAINS]
+
+
+def _pinned_chain(r: _FamilyRenderer, direction: Direction, name: str) -> str | None:
+    """The kernel's chain of cluster policy ``name`` (no good value: dataplane/pins.py), if pinned.
+
+    It is carried over verbatim; the fixed chains its rules go to are rendered
+    from ``FIXED_CHAINS`` (so they exist even when no rendered rule uses them).
+    """
+    chain = cluster_chain(direction, name)
+    pinned = r.pinned_chains.get(chain)
+    if pinned is None:
+        return None
+    r.chains[chain] = pinned
+    for target in fixed_targets(pinned):
+        r.chains[target] = FIXED_CHAINS[target]
+    return chain
+
+
+def render_target(r: _FamilyRenderer, target: str) -> None:
+    """Render chain ``target`` (``nf-ci-``/``nf-co-``) if it is the chain of a cluster policy of
+    the model: pinned rules (a pinned endpoint's chain) jump to it."""
+    for policy in r.model.cluster_policies.values():
+        for direction in _DIRECTIONS:
+            if cluster_chain(direction, policy.name) == target:
+                _policy_chain(r, direction, policy)
+                return
+
+
 def _tier_lines(r: _FamilyRenderer, ep: Endpoint, direction: Direction, names: tuple[str, ...], what: str
                 ) -> tuple[list[str], bool]:
-    """(lines, final): the jumps of one tier; final when a missing policy ended it with a DROP."""
+    """(lines, final): the jumps of one tier; final when a missing policy ended it with a DROP.
+
+    A policy missing from the model (a bad key) whose chain the kernel holds
+    (pinned) keeps that chain; without one it denies from there on (fail closed).
+    """
     lines: list[str] = []
     for name in names:
         policy = r.model.cluster_policies.get(name)
         if policy is None:
-            log.warning("endpoint %s refers to unknown cluster policy %s (its traffic is denied)", ep.key, name)
-            lines.append(f"{_comment(f'{what} cluster policy {name} unknown')} -j DROP")
-            return lines, True
+            chain = _pinned_chain(r, direction, name)
+            if chain is None:
+                log.warning("endpoint %s refers to unknown cluster policy %s (its traffic is denied)", ep.key, name)
+                lines.append(f"{_comment(f'{what} cluster policy {name} unknown')} -j DROP")
+                return lines, True
+            lines += [f"{IF_NOT_PASSED} -j {chain}", RETURN_IF_ACCEPTED]
+            continue
         chain = _policy_chain(r, direction, policy)
         if chain is not None:
             lines += [f"{IF_NOT_PASSED} -j {chain}", RETURN_IF_ACCEPTED]

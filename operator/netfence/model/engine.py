@@ -183,13 +183,17 @@ class ModelEngine(MembershipState):
         return out
 
     def set_policies(self, set_id: str) -> frozenset[PolicyKey]:
-        """Policies whose compiled rules reference set ``set_id`` (empty if unknown)."""
+        """Policies whose compiled rules reference set ``set_id`` (empty if unknown);
+        ClusterNetworkPolicies as ``("", name)``."""
         state = self._sets.get(set_id)
-        return frozenset(state.refs) if state is not None else frozenset()
+        if state is None:
+            return frozenset()
+        return frozenset(state.refs) | {("", name) for name in state.crefs}
 
     def endpoint_policies(self, namespace: str, name: str) -> frozenset[PolicyKey]:
-        """Policies that select the pod ``namespace/name``."""
-        return frozenset(self._pod_policies.get((namespace, name), ()))
+        """Policies that select the pod ``namespace/name``; ClusterNetworkPolicies as ``("", name)``."""
+        key = (namespace, name)
+        return frozenset(self._pod_policies.get(key, ())) | {("", n) for n in self._pod_cluster_policies(key)}
 
     # ---- internals: rendering ------------------------------------------------
 

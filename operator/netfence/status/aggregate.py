@@ -14,7 +14,9 @@ its endpoints on that node: ``PolicyFacts.needed``, ``model/relevance.py``). Pha
 
 A required node that reports rules of the policy as *unenforceable* (the
 kernel cannot express them; they are rendered to match nothing) adds a
-``Warning`` condition naming the node and the feature.
+``Warning`` condition naming the node and the feature. So does a
+NetworkPolicy whose status object a ClusterNetworkPolicy's takes (the same
+name, ``cnp.<name>``: ``PolicyFacts.hides``).
 
 Generations follow the Kubernetes conventions that kstatus, Flux and Argo CD
 read: ``status.observedGeneration`` (and every condition's
@@ -163,6 +165,9 @@ class PolicyFacts:
     #: (model/relevance.py: not other nodes' endpoints), <= ``revision``. A node absent here
     #: needs ``revision``. Agents skip commits that do not touch their node (issue 11).
     node_revisions: Mapping[str, int] = field(default_factory=dict)
+    #: A ClusterNetworkPolicy's only: the NetworkPolicy (``<ns>/<name>``) that wants the same status
+    #: object and has none while this policy exists (reported as a ``Warning``).
+    hides: str = ""
 
     def needed(self, node: str) -> int:
         """The revision ``node`` must have applied to be synced for this policy."""
@@ -208,9 +213,10 @@ def unenforceable_warnings(
         if report is None:
             continue
         features = sorted({u.feature for u in report.unenforceable if u.policy == policy})
-        out += [
-            f"node {node} cannot enforce {feature}: those rules match nothing there (deny)" for feature in features
-        ]
+        # A cluster policy's (``/<name>``) Deny rules fall back to denying more, its other rules match nothing.
+        effect = ("its Accept and Pass rules there match nothing, its Deny rules deny any such port"
+                  if policy.startswith("/") else "those rules match nothing there (deny)")
+        out += [f"node {node} cannot enforce {feature}: {effect}" for feature in features]
         if report.unenforceable_total > len(report.unenforceable) and not features:
             out.append(
                 f"node {node} reports {report.unenforceable_total} unenforceable rules but lists only "
@@ -293,7 +299,8 @@ def compute_status(facts: PolicyFacts, reports: Mapping[str, NodeReport]) -> dic
         },
     ]
     unenforceable = unenforceable_warnings(f"{facts.namespace}/{facts.name}", facts.required_nodes, reports)
-    warnings = [*unenforceable, *facts.warnings]
+    clash = [name_clash_warning(facts.hides)] if facts.hides else []
+    warnings = [*unenforceable, *clash, *facts.warnings]
     shown_warnings = [_cap(w, WARNING_LENGTH) for w in warnings[:WARNING_LIMIT]]
     if warnings:
         omitted = len(warnings) - len(shown_warnings)
@@ -301,7 +308,8 @@ def compute_status(facts: PolicyFacts, reports: Mapping[str, NodeReport]) -> dic
             {
                 "type": "Warning",
                 "status": "True",
-                "reason": "Unenforceable" if unenforceable else "SuspiciousPolicy",
+                "reason": "Unenforceable" if unenforceable else "SuspiciousPolicy" if facts.warnings
+                else "StatusNameClash",
                 "message": _cap(
                     (f"{len(warnings)} warnings: " if omitted else "")
                     + _cap("; ".join(warnings), MESSAGE_LIMIT - 40 if omitted else MESSAGE_LIMIT)
@@ -328,6 +336,14 @@ def compute_status(facts: PolicyFacts, reports: Mapping[str, NodeReport]) -> dic
     if len(warnings) > len(shown_warnings):
         status["warningsOmitted"] = _int(len(warnings) - len(shown_warnings), INT32_MAX)
     return status
+
+
+def name_clash_warning(hidden: str) -> str:
+    """The warning of a ClusterNetworkPolicy whose status object NetworkPolicy ``hidden`` also wants."""
+    return (
+        f"NetworkPolicy {hidden} has the same status object name as this ClusterNetworkPolicy and gets "
+        "no status of its own while this policy exists: rename that NetworkPolicy"
+    )
 
 
 def ready_message(message: str, *, degraded: bool) -> str:

@@ -5,9 +5,11 @@ could not decode or that were written outside a controller commit. A key
 relative to the store prefix maps to policies as follows:
 
 * ``policies/<ns>/<name>`` -> that policy;
-* ``sets/<id>``, ``sets2/<id>`` and ``sets2/<id>/<n>`` -> the policies whose
-  compiled rules reference set ``<id>``;
-* ``endpoints/<node>/<ns>/<pod>`` -> the policies that select that endpoint;
+* ``cpolicies/<name>`` -> that ClusterNetworkPolicy (``("", name)``, as everywhere);
+* ``sets/<id>``, ``sets2/<id>`` and ``sets2/<id>/<n>`` -> the policies (cluster
+  policies included) whose compiled rules reference set ``<id>``;
+* ``endpoints/<node>/<ns>/<pod>`` -> the policies that select that endpoint (cluster
+  policies included);
 * anything else (``meta/...``, malformed keys) -> no policy.
 """
 
@@ -51,6 +53,8 @@ def affected_policies(key: str, lookup: PolicyLookup) -> frozenset[PolicyKey]:
     if family == "policies":
         ns, slash, name = rest.partition("/")
         return frozenset({(ns, name)}) if ns and slash and name and "/" not in name else frozenset()
+    if family == "cpolicies":
+        return frozenset({("", rest)}) if rest and "/" not in rest else frozenset()
     if family == "endpoints":
         parts = rest.split("/")
         if len(parts) == 3 and all(parts):

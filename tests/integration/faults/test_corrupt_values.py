@@ -13,13 +13,18 @@ continuously and their verdicts never change here: zero wrong probes.
 * with the controller stopped, a corrupt value committed as if by a broken
   controller: an agent restarted meanwhile has no good value, keeps the rules
   already in the kernel for the policy, and says so in ``badKeys``; the
-  ClusterPolicyStatus names node and key.
+  ClusterPolicyStatus names node and key;
+* the same for a ClusterNetworkPolicy (``cpolicies/<name>``): an Admin Deny of
+  bad -> good (which ``good-from-ns`` alone would allow) keeps holding on the
+  restarted agent, web -> good (through the same tier chain) stays allowed, and
+  the controller's rewrite restores normal operation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 import time
@@ -32,6 +37,7 @@ import pytest
 from etcd3aio import Etcd3Client
 from kubernetes_asyncio import client, watch
 from tests.integration.enforcement_helpers import (
+    Pair,
     ProbeLoop,
     ProbeTally,
     World,
@@ -46,6 +52,10 @@ from tests.integration.enforcement_helpers import (
 )
 from tests.integration.helpers import eventually
 
+from netfence.dataplane.names import endpoint_chain
+from netfence.dataplane.render_tiers import cluster_chain
+from netfence.model.cluster_policy import API_GROUP as CNP_GROUP
+from netfence.model.cluster_policy import API_VERSIONS as CNP_VERSIONS
 from netfence.store import layout as L
 from netfence.store.etcd import EtcdStore
 from netfence_lab.cluster import LocalCluster
@@ -360,3 +370,78 @@ async def test_restarted_agent_keeps_kernel_rules_for_a_corrupt_policy_and_says_
     assert degraded is not None, f"no Degraded status naming {node} and {rel}: {statuses}"
     print(f"Degraded conditions: {degraded['conditions']}")
     assert statuses[-1]["phase"] == "Enforced"
+
+
+# --- (iv) a restarted agent facing a corrupt cluster policy ----------------------------------------
+
+#: Probed besides the world's pairs once the cluster policy is enforced (both end at good, on node 1).
+CNP_PAIRS = (Pair("web->good", "web", "good", True), Pair("bad->good", "bad", "good", False))
+
+
+def admin_deny_bad_to_good(ns: str, name: str) -> dict[str, Any]:
+    """Admin tier: good (node 1) denies ingress from bad; ``good-from-ns`` alone would allow it."""
+    def pods(role: str) -> dict[str, Any]:
+        return {"pods": {"namespaceSelector": {"matchLabels": {"name": ns}},
+                         "podSelector": {"matchLabels": {"role": role}}}}
+
+    return {
+        "apiVersion": f"{CNP_GROUP}/{CNP_VERSIONS[0]}", "kind": "ClusterNetworkPolicy", "metadata": {"name": name},
+        "spec": {"tier": "Admin", "priority": 10, "subject": pods("good"),
+                 "ingress": [{"name": "from-bad", "action": "Deny", "from": [pods("bad")]}]},
+    }
+
+
+async def test_restarted_agent_keeps_kernel_rules_for_a_corrupt_cluster_policy_and_says_so(
+    world: World, raw: Etcd3Client, store: EtcdStore
+) -> None:
+    env, ns = world.env, world.ns
+    name = f"{ns}-deny-bad"  # cluster-scoped: a name of this test alone
+    rel = f"cpolicies/{name}"
+    node, netns = env.agents[1].node, env.agents[1].netns  # good lives on node 1
+    world.mark(await env.apply_manifest(admin_deny_bad_to_good(ns, name)))
+    await env.wait_enforced(world.marks, timeout=60)
+    world.layout = dataclasses.replace(world.layout, pairs=(*world.layout.pairs, *CNP_PAIRS))
+    chains = (cluster_chain("ingress", name), endpoint_chain("ingress", f"{ns}/good"))
+    kernel = {chain: chain_rules(netns, chain) for chain in chains}
+    assert all(kernel.values()), kernel
+    assert any(line.endswith(f"-j {chains[0]}") for line in kernel[chains[1]])
+
+    async def listed() -> dict[str, Any] | None:
+        return bad_entry(await report_of(store, node), rel)
+
+    with ProbeLoop(world) as probes:
+        await probes.rounds(2)
+        env.controllers["controller-0"].stop()
+        await commit_as_a_broken_controller(raw, env, rel, GARBAGE)
+
+        # The running agent keeps its last good value and says why.
+        entry = await eventually(listed, timeout=10, interval=0.05, what=f"{node} to report {rel}")
+        assert entry is not None and entry["reason"].startswith("corrupt value"), entry
+        assert "last good value" in entry["reason"], entry
+
+        # Restarted, it has no good value: the kernel's chain of the cluster policy is kept.
+        before = await report_revision(env, node)
+        await asyncio.to_thread(_stop_agent, env, 1)
+        env.start_agent(1)
+        await wait_agent_serving(env, 1, before)
+        entry = await eventually(listed, timeout=10, interval=0.05, what="the restarted agent to report it")
+        assert entry is not None, entry
+        assert "no good value: the rules already in the kernel for it are kept" in entry["reason"], entry
+        assert {chain: chain_rules(netns, chain) for chain in chains} == kernel
+        assert "keeping the rules the kernel holds for it" in env.agents[1].process.tail(200)
+        body = await agent_health(env, 1)
+        assert body is not None and body["badKeys"] == 1 and body["lastError"] is None
+        await probes.rounds(5)  # bad -> good still denied, web -> good still allowed
+
+        # The controller comes back and rewrites the value; the report clears, all is enforced again.
+        env.start_controller("controller-0")
+
+        async def cleared() -> bool:
+            return await listed() is None and (await agent_health(env, 1) or {}).get("badKeys") == 0
+
+        await eventually(cleared, timeout=30, what="the rewrite and a clean report")
+        await env.wait_enforced(timeout=30)
+        assert {chain: chain_rules(netns, chain) for chain in chains} == kernel
+        await probes.rounds(3)
+    no_wrong_probes(probes)
+    print(f"\nprobes: {probes.check()}")

@@ -15,6 +15,12 @@ raw socket in the destination pod: the kernel delivers protocol-132 packets to
 raw sockets whether or not it has SCTP. A control — SCTP from bad to good,
 which ``good-from-ns`` allows (any protocol) — shows the method sees packets
 that are allowed.
+
+A ClusterNetworkPolicy is rendered differently there: an Admin Deny of SCTP
+port 9 to ``good`` cannot be matched by port, so it denies *any* SCTP port
+(never less than written); the node reports it unenforceable as ``/<name>``
+(the key status aggregation looks a cluster policy up by) and its
+ClusterPolicyStatus ``cnp.<name>`` carries the ``Warning``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 
 import pytest
 from tests.integration.enforcement_helpers import (
+    PORT,
     ProbeLoop,
     ProbeTally,
     World,
@@ -45,9 +52,12 @@ from tests.integration.enforcement_helpers import (
 )
 from tests.integration.helpers import eventually
 
+from netfence.dataplane.render_tiers import cluster_chain
+from netfence.model.cluster_policy import API_GROUP as CNP_GROUP
+from netfence.model.cluster_policy import API_VERSIONS as CNP_VERSIONS
 from netfence_lab.cluster import LocalCluster
 from netfence_lab.env import NetfenceEnv
-from netfence_lab.probe import Prober
+from netfence_lab.probe import Probe, Prober
 
 SCTP_PORT = 80
 FEATURE = "sctp-port-match"
@@ -82,8 +92,8 @@ def sctp_init(src_port: int, dst_port: int, tag: int) -> bytes:
 
 
 def sctp_arrivals(prober: Prober, src_netns: str, dst_netns: str, dst_ip: str, count: int,
-                  wait: float = 1.0) -> int:
-    """Send ``count`` SCTP INITs to dst_ip:SCTP_PORT; how many reached the destination pod."""
+                  wait: float = 1.0, port: int = SCTP_PORT) -> int:
+    """Send ``count`` SCTP INITs to dst_ip:``port``; how many reached the destination pod."""
     tag = int.from_bytes(hashlib.sha256(f"{src_netns}{time.monotonic()}".encode()).digest()[:4]) or 1
     receiver = prober.open_socket(dst_netns, socket.SOCK_RAW, socket.IPPROTO_SCTP)
     sender = prober.open_socket(src_netns, socket.SOCK_RAW, socket.IPPROTO_SCTP)
@@ -91,7 +101,7 @@ def sctp_arrivals(prober: Prober, src_netns: str, dst_netns: str, dst_ip: str, c
     with receiver, sender:
         receiver.setblocking(False)
         for _ in range(count):
-            sender.sendto(sctp_init(next(_source_ports), SCTP_PORT, tag), (dst_ip, 0))
+            sender.sendto(sctp_init(next(_source_ports), port, tag), (dst_ip, 0))
         deadline = time.monotonic() + wait
         while (left := deadline - time.monotonic()) > 0 and seen < count:
             ready, _, _ = select.select([receiver], [], [], left)
@@ -100,7 +110,7 @@ def sctp_arrivals(prober: Prober, src_netns: str, dst_netns: str, dst_ip: str, c
             data = receiver.recv(4096)
             header = (data[0] & 0x0F) * 4
             payload = data[header:]
-            if len(payload) >= 20 and struct.unpack("!H", payload[2:4])[0] == SCTP_PORT and \
+            if len(payload) >= 20 and struct.unpack("!H", payload[2:4])[0] == port and \
                     struct.unpack("!I", payload[16:20])[0] == tag:
                 seen += 1
     return seen
@@ -154,6 +164,66 @@ async def test_sctp_port_rule_without_kernel_support_is_denied_reported_and_warn
             cond = warning(status)
             text = json.dumps(cond or {})
             return cond if cond and cond.get("status") == "True" and node0 in text and FEATURE in text else None
+
+        condition = await eventually(warned, timeout=20, what="a Warning naming the node and the feature")
+        print(f"\nWarning condition: {condition}")
+        mark = probes.snapshot()
+        await eventually(lambda: _probed(probes, 3, mark), what="probes after the checks")
+    tally = probes.snapshot()
+    assert tally.denied_connected == [] and tally.allowed_failed == [], tally
+
+
+def admin_deny_sctp(ns: str, name: str, port: int) -> dict[str, Any]:
+    """Admin tier: good denies SCTP ``port`` from the pods of ``ns``."""
+    in_ns = {"matchLabels": {"name": ns}}
+    return {
+        "apiVersion": f"{CNP_GROUP}/{CNP_VERSIONS[0]}", "kind": "ClusterNetworkPolicy", "metadata": {"name": name},
+        "spec": {"tier": "Admin", "priority": 10,
+                 "subject": {"pods": {"namespaceSelector": in_ns, "podSelector": {"matchLabels": {"role": "good"}}}},
+                 "ingress": [{"name": "no-sctp", "action": "Deny", "from": [{"namespaces": in_ns}],
+                              "protocols": [{"sctp": {"destinationPort": {"number": port}}}]}]},
+    }
+
+
+async def test_sctp_port_deny_of_a_cluster_policy_denies_any_sctp_port_reported_and_warned(world: World) -> None:
+    env, ns = world.env, world.ns
+    node0, node1 = env.agents[0].node, env.agents[1].node
+    name = f"{ns}-deny-sctp"  # cluster-scoped: a name of this test alone
+    with ProbeLoop(world) as probes:
+        await eventually(lambda: _probed(probes, 2), what="probes running")
+        # Before: good-from-ns lets bad send good anything, SCTP to port 80 included.
+        arrived = await asyncio.to_thread(sctp_arrivals, world.prober, world.bad.netns, world.good.netns,
+                                          world.good.ip, 3)
+        assert arrived == 3, "the raw SCTP method must see allowed packets"
+        marks = dict([await env.apply_manifest(admin_deny_sctp(ns, name, 9))])
+        await env.wait_enforced(marks, timeout=60)
+
+        # The node that enforces it (good's) says it is unenforceable, by the name status looks up.
+        store = await store_of(env)
+        try:
+            reports = await store.read_reports()
+        finally:
+            await store.close()
+        assert reports[node1]["unenforceable"] == [{"policy": f"/{name}", "feature": FEATURE}]
+        assert reports[node0]["unenforceable"] == []
+
+        # Port 9 cannot be matched: the Deny covers every SCTP port (80 here), counted by its rule ...
+        chain = cluster_chain("ingress", name)
+        before = drop_packets(env.agents[1].netns, chain)
+        for port in (9, SCTP_PORT):
+            arrived = await asyncio.to_thread(sctp_arrivals, world.prober, world.bad.netns, world.good.netns,
+                                              world.good.ip, 3, 1.0, port)
+            assert arrived == 0, f"SCTP from bad reached good:{port}"
+        assert drop_packets(env.agents[1].netns, chain) >= before + 6
+        # ... and nothing else: TCP from bad to good is still allowed (good-from-ns).
+        assert world.prober.exchange(Probe(world.bad.netns, world.good.ip, PORT), 3.0) is not None
+
+        # The cluster policy's status names the node and the feature.
+        async def warned() -> dict[str, Any] | None:
+            status = (await cps(env, f"cnp.{name}")).get("status") or {}
+            cond = warning(status)
+            text = json.dumps(cond or {})
+            return cond if cond and cond.get("status") == "True" and node1 in text and FEATURE in text else None
 
         condition = await eventually(warned, timeout=20, what="a Warning naming the node and the feature")
         print(f"\nWarning condition: {condition}")

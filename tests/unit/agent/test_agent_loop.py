@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -19,7 +20,16 @@ from netfence.agent.loop import Agent
 from netfence.config import AgentConfig
 from netfence.dataplane.names import policy_chain
 from netfence.dataplane.render import Features
-from netfence.model.enforcement import CompiledPolicy, CompiledPort, CompiledRule, Endpoint, PeerSet
+from netfence.dataplane.render_tiers import cluster_chain
+from netfence.model.enforcement import (
+    CompiledClusterPolicy,
+    CompiledClusterRule,
+    CompiledPolicy,
+    CompiledPort,
+    CompiledRule,
+    Endpoint,
+    PeerSet,
+)
 
 NODE = "node-1"
 CLIENTS = PeerSet(PeerSet.make_id("pods", {"name": "clients"}), "pods", {"name": "clients"}, ("10.244.1.11",))
@@ -33,7 +43,7 @@ def allow(port: int) -> CompiledPolicy:
     return CompiledPolicy("app", "allow", "uid-1", (CompiledRule((CLIENTS.id,), (CompiledPort("TCP", port),)),), None)
 
 
-def raw(value: PeerSet | CompiledPolicy | Endpoint) -> bytes:
+def raw(value: PeerSet | CompiledPolicy | CompiledClusterPolicy | Endpoint) -> bytes:
     return json.dumps(value.to_json()).encode()
 
 
@@ -309,3 +319,34 @@ async def test_a_drift_check_that_overlaps_an_apply_repairs_nothing() -> None:
         await asyncio.wait_for(sleeping.wait(), 10)
         assert s.agent.health.drift_repairs == 1 and s.kernel.applies[-1].full
     assert applies == 2  # the overlapping check voided: no repair apply
+
+
+# --- a restart facing a corrupt cluster policy (cpolicies/): the kernel's rules are pinned ----------
+
+
+async def test_a_restarted_agent_keeps_the_kernel_rules_of_a_corrupt_cluster_policy_until_a_good_value() -> None:
+    bad = PeerSet(PeerSet.make_id("pods", {"name": "bad"}), "pods", {"name": "bad"}, ("10.244.1.12",))
+    deny = CompiledClusterPolicy("deny-bad", "uid-c", "Admin", 10,
+                                 (CompiledClusterRule("Deny", CompiledRule((bad.id,), None)),), ())
+    web = dataclasses.replace(WEB, admin_ingress=("deny-bad",))
+    cnp_key, chain = "cpolicies/deny-bad", cluster_chain("ingress", "deny-bad")
+    s = Setup()
+    first = await s.commit({**world(80), f"sets/{bad.id}": raw(bad), cnp_key: raw(deny),
+                            f"endpoints/{NODE}/app/web": raw(web)})
+    async with running(s.agent):
+        await s.applied(first)
+    good = s.kernel.kernel
+    assert chain in good.family_chains("v4")
+
+    broken = await s.commit({cnp_key: b"{not json"})  # committed by a broken controller while the agent is down
+    s.agent = Agent(AgentConfig(node=NODE, resync_seconds=3600.0), FakeStore(s.etcd, "agent"),
+                    s.kernel, V4_ONLY)  # type: ignore[arg-type]
+    async with running(s.agent):
+        await s.applied(broken)
+        assert s.kernel.kernel == good  # the Admin Deny (and everything else) stays exactly
+        [entry] = s.report()["badKeys"]
+        assert entry["key"] == cnp_key and "the rules already in the kernel for it are kept" in entry["reason"]
+        fixed = await s.commit({cnp_key: raw(deny)})
+        await s.applied(fixed)
+        await s.until(lambda: s.report().get("badKeys") == [])
+        assert s.kernel.kernel == good

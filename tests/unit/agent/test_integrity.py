@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, cast
 
@@ -11,11 +12,20 @@ from netfence.agent.node_state import NodeState
 from netfence.config import AgentConfig
 from netfence.dataplane.apply import ApplyResult
 from netfence.dataplane.kernel import KernelState, TableState
-from netfence.dataplane.names import policy_chain
+from netfence.dataplane.names import endpoint_chain, policy_chain, set_name
 from netfence.dataplane.pins import PinKey
 from netfence.dataplane.render import Features
+from netfence.dataplane.render_tiers import cluster_chain
 from netfence.dataplane.ruleset import Family, Ruleset
-from netfence.model.enforcement import CompiledPolicy, CompiledPort, CompiledRule, Endpoint, PeerSet
+from netfence.model.enforcement import (
+    CompiledClusterPolicy,
+    CompiledClusterRule,
+    CompiledPolicy,
+    CompiledPort,
+    CompiledRule,
+    Endpoint,
+    PeerSet,
+)
 
 NODE = "node-1"
 CLIENTS = PeerSet(PeerSet.make_id("pods", {"name": "clients"}), "pods", {"name": "clients"}, ("10.244.1.11",))
@@ -27,7 +37,7 @@ SET_KEY = f"sets/{CLIENTS.id}"
 GARBAGE = b"{not json"
 
 
-def raw(value: PeerSet | CompiledPolicy | Endpoint) -> bytes:
+def raw(value: PeerSet | CompiledPolicy | CompiledClusterPolicy | Endpoint) -> bytes:
     return json.dumps(value.to_json()).encode()
 
 
@@ -37,6 +47,25 @@ def snapshot() -> dict[str, bytes]:
         "policies/app/sctp": raw(SCTP),
         SET_KEY: raw(CLIENTS),
         f"endpoints/{NODE}/app/web": raw(WEB),
+    }
+
+
+# --- cluster policies: an Admin Deny of bad -> web, web isolated by app/allow ----------------------
+
+BAD = PeerSet(PeerSet.make_id("pods", {"name": "bad"}), "pods", {"name": "bad"}, ("10.244.1.12",))
+DENY_BAD = CompiledClusterPolicy("deny-bad", "uid-c", "Admin", 10,
+                                 (CompiledClusterRule("Deny", CompiledRule((BAD.id,), None)),), ())
+CNP_KEY = "cpolicies/deny-bad"
+TIERED_WEB = dataclasses.replace(WEB, ingress=("app/allow",), admin_ingress=("deny-bad",))
+
+
+def cnp_snapshot() -> dict[str, bytes]:
+    return {
+        POLICY_KEY: raw(ALLOW),
+        SET_KEY: raw(CLIENTS),
+        f"sets/{BAD.id}": raw(BAD),
+        CNP_KEY: raw(DENY_BAD),
+        f"endpoints/{NODE}/app/web": raw(TIERED_WEB),
     }
 
 
@@ -83,9 +112,22 @@ def test_pin_keys_follow_the_layout_in_use() -> None:
     assert state.pin_key(f"endpoints/{NODE}/a/b") == ("endpoint", "a/b")
     assert state.pin_key("sets/p1") == ("set", "p1")
     assert state.pin_key("sets2/p1/3") is None and state.pin_key("meta/schema") is None
+    assert state.pin_key("cpolicies/deny-x") == ("cluster_policy", "deny-x")
     state.reset({"meta/schema": b'{"schema": 2}'})
     assert state.layout == 2
     assert state.pin_key("sets2/p1/3") == ("set", "p1") and state.pin_key("sets/p1") is None
+
+
+def test_a_corrupt_cluster_policy_without_good_value_is_unresolved_until_one_arrives() -> None:
+    state = NodeState(NODE)
+    state.reset({**cnp_snapshot(), CNP_KEY: GARBAGE})
+    assert "deny-bad" not in state.model().cluster_policies
+    assert state.unresolved() == {CNP_KEY: ("cluster_policy", "deny-bad")}
+    assert not state.has_good_value(("cluster_policy", "deny-bad"))
+    state.update({CNP_KEY: raw(DENY_BAD)})
+    assert state.unresolved() == {} and state.bad_keys() == {}
+    state.update({CNP_KEY: GARBAGE})  # bad again, but a good value is known now: nothing to pin
+    assert state.unresolved() == {} and state.has_good_value(("cluster_policy", "deny-bad"))
 
 
 # --- report fields -----------------------------------------------------------------------------
@@ -97,6 +139,10 @@ def test_reasons_say_what_is_enforced_meanwhile() -> None:
     assert "rules already in the kernel for it are kept" in describe("corrupt", KeyState(pin, False, True))
     assert describe("corrupt", KeyState(pin, False, False)).endswith("it matches nothing")
     assert describe("x\ny", KeyState(None, False, None)) == "x y"
+    cluster: PinKey = ("cluster_policy", "deny-x")
+    assert "rules already in the kernel for it are kept" in describe("corrupt", KeyState(cluster, False, True))
+    assert describe("corrupt", KeyState(cluster, False, False)).endswith(
+        "no rules in the kernel for it: traffic that reaches it on the endpoints naming it is denied")
     assert len(describe("z" * 1000, KeyState(pin, False, False))) == 300
 
 
@@ -192,3 +238,56 @@ async def test_sctp_port_rules_are_reported_unenforceable_without_kernel_support
     disabled = Agent(AgentConfig(node=NODE, disable_features=("sctp-port-match",)), cast(Any, None),
                      cast(Any, kernel), Features(ipv6=False))
     assert disabled.features.sctp_port_match is False
+
+
+async def test_restart_with_a_corrupt_cluster_policy_keeps_its_kernel_rules_until_a_good_value() -> None:
+    kernel = FakeKernel()
+    first = agent(kernel)
+    first.state.reset(cnp_snapshot())
+    assert await first.apply()
+    good = kernel.ruleset
+    chain = cluster_chain("ingress", "deny-bad")
+    assert chain in good.family_chains("v4")
+
+    restarted = agent(kernel)  # the value went bad meanwhile; no last good value now
+    restarted.state.reset({**cnp_snapshot(), CNP_KEY: GARBAGE})
+    assert await restarted.apply()
+    assert kernel.ruleset == good  # the Admin Deny stays in force, exactly
+    [entry] = restarted.report()["badKeys"]
+    assert entry["key"] == CNP_KEY and "no good value: the rules already in the kernel for it are kept" in entry[
+        "reason"]
+
+    changed = dataclasses.replace(DENY_BAD, ingress=(CompiledClusterRule("Deny", CompiledRule((CLIENTS.id,), None)),))
+    restarted.state.update({CNP_KEY: raw(changed)})  # the controller writes a good value: the pin is dropped
+    assert await restarted.apply()
+    assert restarted.report()["badKeys"] == []
+    clients = set_name("v4", CLIENTS.id)
+    assert kernel.ruleset.family_chains("v4")[chain] == (
+        f'-m set --match-set {clients} src -m comment --comment "netfence cnp deny-bad ingress rule 0 denied" -j DROP',
+    )
+
+
+async def test_a_fresh_node_facing_a_corrupt_cluster_policy_denies_its_endpoints_and_says_so() -> None:
+    kernel = FakeKernel()
+    fresh = agent(kernel)
+    fresh.state.reset({**cnp_snapshot(), CNP_KEY: GARBAGE})
+    assert await fresh.apply()
+    chains = kernel.ruleset.family_chains("v4")
+    assert cluster_chain("ingress", "deny-bad") not in chains
+    assert chains[endpoint_chain("ingress", "app/web")][-1] == (
+        '-m comment --comment "netfence ingress to app/web cluster policy deny-bad unknown" -j DROP')
+    [entry] = fresh.report()["badKeys"]
+    assert entry["reason"].endswith("traffic that reaches it on the endpoints naming it is denied")
+
+
+async def test_sctp_port_rules_of_cluster_policies_are_reported_unenforceable() -> None:
+    kernel = FakeKernel()
+    sctp = CompiledClusterPolicy("sctp-deny", "uid-s", "Admin", 1, (
+        CompiledClusterRule("Deny", CompiledRule(None, (CompiledPort("SCTP", 9),))),), ())
+    web = dataclasses.replace(TIERED_WEB, admin_ingress=("sctp-deny",))
+    no_sctp = agent(kernel, Features(ipv6=False, sctp_port_match=False))
+    no_sctp.state.reset({**cnp_snapshot(), "cpolicies/sctp-deny": raw(sctp), f"endpoints/{NODE}/app/web": raw(web)})
+    assert await no_sctp.apply()
+    assert no_sctp.report()["unenforceable"] == [{"policy": "/sctp-deny", "feature": "sctp-port-match"}]
+    assert kernel.ruleset.family_chains("v4")[cluster_chain("ingress", "sctp-deny")] == (
+        '-p sctp -m comment --comment "netfence cnp sctp-deny ingress rule 0 denied" -j DROP',)  # any SCTP port

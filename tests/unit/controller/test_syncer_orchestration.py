@@ -224,17 +224,15 @@ async def test_an_isolated_change_pays_no_window_and_one_right_after_a_write_wai
     world = engine()
     sync = syncer(world, FakeStore(etcd, "A"), FakeLeadership(etcd.elect("A")), coalesce=30.0)
     waits: list[float] = []
-    gate = asyncio.Event()
 
     async def window(delay: float) -> None:  # records the window instead of sleeping it
         waits.append(delay)
-        await gate.wait()
 
     sync.coalesce_sleep = window
     async with running(sync):
-        await etcd.until(lambda: etcd.commit_revision() > 0)  # the first reconcile: nothing written before
-        assert waits == []
-        gate.set()  # windows from here on end at once
+        await etcd.until(lambda: etcd.commit_revision() > 0)
+        assert waits == [30.0]  # the first reconcile gathered its triggers for a whole window
+        waits.clear()
         sync._last_write = -float("inf")  # idle for longer than any window
         written = len(etcd.changes_written)
         add_pods(world, 400, 1)
@@ -247,3 +245,7 @@ async def test_an_isolated_change_pays_no_window_and_one_right_after_a_write_wai
         [delay] = waits  # the second change came right after a write: it waited out the window
         assert 29.0 < delay <= 30.0
         assert "endpoints/n1/a/w401" in etcd.changes_written[written + 1]
+        waits.clear()
+        sync.request_reconcile()  # a reconcile waits the whole window, however long the syncer idled
+        sync._last_write = -float("inf")
+        await etcd.until(lambda: waits == [30.0])

@@ -12,16 +12,27 @@ from dataplane_samples import (
     egress_mixed,
     ingress_basic,
     node_model,
+    peer_set,
+    policy,
     shared_and_missing,
 )
 
+from netfence.dataplane.incremental import IncrementalRenderer
 from netfence.dataplane.kernel import KernelState, TableState
-from netfence.dataplane.names import policy_chain, set_name
+from netfence.dataplane.names import endpoint_chain, policy_chain, set_name
 from netfence.dataplane.pins import PinCache, PinKey, Pinned, carry, merge
 from netfence.dataplane.plan import plan
-from netfence.dataplane.render import render
+from netfence.dataplane.render import Features, render
+from netfence.dataplane.render_tiers import CNP_ACCEPT_CHAIN, FIXED_CHAINS, cluster_chain
 from netfence.dataplane.ruleset import FAMILIES, FROM_WL_CHAIN, TO_WL_CHAIN, Ruleset
-from netfence.model.enforcement import CompiledPort, CompiledRule, NodeModel
+from netfence.model.enforcement import (
+    CompiledClusterPolicy,
+    CompiledClusterRule,
+    CompiledPort,
+    CompiledRule,
+    Endpoint,
+    NodeModel,
+)
 
 
 def kernel_of(ruleset: Ruleset) -> KernelState:
@@ -159,3 +170,132 @@ def test_a_pinned_set_is_used_only_for_its_kind() -> None:
     misuse = dataclasses.replace(egress, egress=(CompiledRule((HTTP_PORTS.id,), None),))
     odd = dataclasses.replace(without(model, set_id=HTTP_PORTS.id), policies={egress.key: misuse})
     assert policy_chain("egress", egress.key) not in render(odd, pinned=pinned).family_chains("v4")
+
+
+# --- cluster policies (cpolicies/<name>): pinned like NetworkPolicies ------------------------------
+
+NET = peer_set("net", "outside", "192.0.2.0/24")
+
+
+def cnp_rule(action: str, peers: tuple[str, ...] | None, *ports: CompiledPort) -> CompiledClusterRule:
+    return CompiledClusterRule(action, CompiledRule(peers, ports or None))  # type: ignore[arg-type]
+
+
+def cnp(name: str, tier: str, priority: int, ingress: tuple[CompiledClusterRule, ...] = (),
+        egress: tuple[CompiledClusterRule, ...] = ()) -> CompiledClusterPolicy:
+    return CompiledClusterPolicy(name, f"uid-{name}", tier, priority, ingress, egress)  # type: ignore[arg-type]
+
+
+def tiered() -> NodeModel:
+    """Admin Deny/Pass/Accept and a Baseline policy around a NetworkPolicy; only ``adm-accept``
+    uses NETFENCE-CNP-ACCEPT."""
+    allow = policy("x/allow", ingress=(CompiledRule((FRONTEND.id,), (CompiledPort("TCP", 80),)),))
+    cnps = (
+        cnp("adm-deny", "Admin", 1, ingress=(cnp_rule("Deny", (FRONTEND.id,), CompiledPort("TCP", 22)),)),
+        cnp("adm-pass", "Admin", 2, ingress=(cnp_rule("Pass", (NET.id,)),)),
+        cnp("adm-accept", "Admin", 3, egress=(cnp_rule("Accept", (NET.id,), CompiledPort("TCP", 443)),)),
+        cnp("base", "Baseline", 0, ingress=(cnp_rule("Deny", None),)),
+    )
+    a = Endpoint("node-1", "x", "a", ("10.244.0.10", "fd00::10"), (allow.key,), (),
+                 admin_ingress=("adm-deny", "adm-pass"), admin_egress=("adm-accept",))
+    b = Endpoint("node-1", "x", "b", ("10.244.0.11",), (), (), admin_ingress=("adm-pass",), baseline_ingress=("base",))
+    model = node_model([a, b], [allow], [FRONTEND, NET])
+    return dataclasses.replace(model, cluster_policies={c.name: c for c in cnps})
+
+
+def without_cnp(model: NodeModel, name: str) -> NodeModel:
+    return dataclasses.replace(model, cluster_policies={k: v for k, v in model.cluster_policies.items() if k != name})
+
+
+@pytest.mark.parametrize("name", ["adm-deny", "adm-pass", "adm-accept", "base"])
+def test_restart_with_a_cluster_policy_without_good_value_keeps_its_kernel_rules(name: str) -> None:
+    model = tiered()
+    before = render(model)
+    kernel = kernel_of(before)
+    pinned = pinned_for(kernel, ("cluster_policy", name))
+    assert pinned.found == {("cluster_policy", name)}
+    after = render(without_cnp(model, name), pinned=pinned)
+    assert after == before  # its chains, the jumps to them and the fixed chains they go to
+    assert plan(before, after).empty
+    assert IncrementalRenderer(Features()).render(without_cnp(model, name), pinned=pinned) == before
+
+
+def test_the_fixed_chains_pinned_rules_go_to_are_rendered_not_taken_from_the_kernel() -> None:
+    model = tiered()
+    before = render(model)
+    assert CNP_ACCEPT_CHAIN in before.family_chains("v4")  # only adm-accept's rule goes there
+    tampered = kernel_of(before)
+    for table in tampered.tables.values():
+        table.chains[CNP_ACCEPT_CHAIN] = ("-j ACCEPT",)  # someone changed it meanwhile
+    after = render(without_cnp(model, "adm-accept"), pinned=pinned_for(tampered, ("cluster_policy", "adm-accept")))
+    assert after.family_chains("v4")[CNP_ACCEPT_CHAIN] == FIXED_CHAINS[CNP_ACCEPT_CHAIN]
+    assert after == before
+    # also when a pinned endpoint's chain leads there (through the kernel's chain of a policy without value)
+    both_bad = dataclasses.replace(without_cnp(model, "adm-accept"),
+                                   endpoints={k: v for k, v in model.endpoints.items() if k != "x/a"})
+    pinned = pinned_for(tampered, ("endpoint", "x/a"), ("cluster_policy", "adm-accept"))
+    assert with_dispatch_sorted(render(both_bad, pinned=pinned)) == with_dispatch_sorted(before)
+
+
+def test_a_pinned_cluster_policy_carries_the_sets_its_rules_name() -> None:
+    model = tiered()
+    kernel = kernel_of(render(model))
+    pinned = pinned_for(kernel, ("cluster_policy", "adm-accept"), ("set", NET.id))
+    assert set_name("v4", NET.id) in pinned.sets
+    gone = dataclasses.replace(without_cnp(model, "adm-accept"),
+                               sets={k: v for k, v in model.sets.items() if k != NET.id})
+    # adm-pass (a good value) names the pinned set too: it uses the kernel's copy
+    assert render(gone, pinned=pinned) == render(model)
+
+
+def test_a_cluster_policy_with_nothing_in_the_kernel_still_denies() -> None:
+    model = tiered()
+    pinned = pinned_for(KernelState(), ("cluster_policy", "adm-deny"))
+    assert pinned.empty and pinned.found == frozenset()
+    after = render(without_cnp(model, "adm-deny"), pinned=pinned)
+    assert after == render(without_cnp(model, "adm-deny"))
+    tw = after.family_chains("v4")[endpoint_chain("ingress", "x/a")]
+    assert tw[-1] == '-m comment --comment "netfence ingress to x/a cluster policy adm-deny unknown" -j DROP'
+
+
+def test_a_cluster_policy_pinned_in_one_direction_only_denies_in_the_other() -> None:
+    model = tiered()
+    kernel = kernel_of(render(model))
+    pinned = pinned_for(kernel, ("cluster_policy", "adm-deny"))  # the kernel has its ingress chain only
+    a = model.endpoints["x/a"]
+    both = dataclasses.replace(a, admin_egress=("adm-deny", "adm-accept"))
+    later = dataclasses.replace(without_cnp(model, "adm-deny"), endpoints={**model.endpoints, a.key: both})
+    chains = render(later, pinned=pinned).family_chains("v4")
+    assert f"-m mark --mark 0x0/0x20000 -j {cluster_chain('ingress', 'adm-deny')}" in chains[
+        endpoint_chain("ingress", "x/a")]
+    fw = chains[endpoint_chain("egress", "x/a")]
+    assert fw[-1] == '-m comment --comment "netfence egress from x/a cluster policy adm-deny unknown" -j DROP'
+    assert cluster_chain("egress", "adm-accept") not in chains  # never reached after the DROP
+
+
+def test_a_good_value_drops_the_cluster_policy_pin() -> None:
+    model = tiered()
+    kernel = kernel_of(render(model))
+    cache = PinCache()
+    key: PinKey = ("cluster_policy", "adm-deny")
+    cache.learn(kernel, cache.needs([key]), FAMILIES)
+    assert cache.found(key) is True
+    assert cache.pinned([]).empty and cache.needs([key]) == {key}  # forgotten once no longer requested
+    changed = cnp("adm-deny", "Admin", 1, ingress=(cnp_rule("Deny", (FRONTEND.id,), CompiledPort("TCP", 23)),))
+    fresh = dataclasses.replace(model, cluster_policies={**model.cluster_policies, "adm-deny": changed})
+    assert "--dport 23" in render(fresh, pinned=cache.pinned([])).family_chains("v4")[
+        cluster_chain("ingress", "adm-deny")][0]
+
+
+def test_a_pinned_endpoint_uses_the_fresh_chain_of_a_cluster_policy_with_a_good_value() -> None:
+    model = tiered()
+    kernel = kernel_of(render(model))
+    changed = cnp("adm-accept", "Admin", 3, egress=(cnp_rule("Accept", (NET.id,), CompiledPort("TCP", 8443)),))
+    later = dataclasses.replace(
+        model, endpoints={k: v for k, v in model.endpoints.items() if k != "x/a"},
+        cluster_policies={**model.cluster_policies, "adm-accept": changed})
+    chains = render(later, pinned=pinned_for(kernel, ("endpoint", "x/a"))).family_chains("v4")
+    assert chains[cluster_chain("egress", "adm-accept")] == (
+        f"-p tcp -m set --match-set {set_name('v4', NET.id)} dst -m tcp --dport 8443 -g {CNP_ACCEPT_CHAIN}",
+    )
+    assert chains[CNP_ACCEPT_CHAIN] == FIXED_CHAINS[CNP_ACCEPT_CHAIN]

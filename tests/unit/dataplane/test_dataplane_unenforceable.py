@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from dataplane_samples import FRONTEND, endpoint, node_model, policy
 
 from netfence.dataplane.names import policy_chain
-from netfence.dataplane.render import SCTP_PORT_MATCH, Features, render, unenforceable
-from netfence.model.enforcement import CompiledPort, CompiledRule, NodeModel
+from netfence.dataplane.render import SCTP_PORT_MATCH, Features, cluster_policy_id, render, unenforceable
+from netfence.model.enforcement import (
+    CompiledClusterPolicy,
+    CompiledClusterRule,
+    CompiledPort,
+    CompiledRule,
+    Endpoint,
+    NodeModel,
+)
+from netfence.status.aggregate import NodeReport, PolicyFacts, unenforceable_warnings
 
 NO_SCTP = Features(ipv6=False, sctp_port_match=False)
 MARK = "-j MARK --set-xmark 0x10000/0x10000"
@@ -59,3 +69,56 @@ def test_features_can_be_switched_off_by_id() -> None:
     assert Features().without([]) == Features()
     with pytest.raises(ValueError, match="unknown feature"):
         Features().without(["teleport"])
+
+
+# --- cluster policies -------------------------------------------------------------------------------
+
+
+def cnp(name: str, tier: str, *rules: CompiledClusterRule, egress: bool = False) -> CompiledClusterPolicy:
+    return CompiledClusterPolicy(name, f"uid-{name}", tier, 0,  # type: ignore[arg-type]
+                                 () if egress else rules, rules if egress else ())
+
+
+def rule(action: str, *ports: CompiledPort) -> CompiledClusterRule:
+    return CompiledClusterRule(action, CompiledRule(None, ports))  # type: ignore[arg-type]
+
+
+def cnp_world() -> NodeModel:
+    """Cluster policies with SCTP port rules: applied (Admin; Baseline where no NetworkPolicy
+    isolates), not applied (Baseline behind a NetworkPolicy, no local endpoint), harmless (any SCTP port)."""
+    isolating = policy("s/tcp", ingress=(CompiledRule(None, (CompiledPort("TCP", 80),)),))
+    cnps = [
+        cnp("deny-sctp", "Admin", rule("Deny", CompiledPort("SCTP", 9))),
+        cnp("accept-sctp", "Admin", rule("Accept", CompiledPort("SCTP", 7000, 7010)), egress=True),
+        cnp("pass-any-sctp", "Admin", rule("Pass", CompiledPort("SCTP"))),
+        cnp("base-isolated", "Baseline", rule("Deny", CompiledPort("SCTP", 5))),
+        cnp("base-open", "Baseline", rule("Accept", CompiledPort("SCTP", 6))),
+        cnp("elsewhere", "Admin", rule("Deny", CompiledPort("SCTP", 4))),
+    ]
+    server = Endpoint("node-1", "s", "server", ("10.244.0.10",), (isolating.key,), (),
+                      admin_ingress=("deny-sctp", "pass-any-sctp"), baseline_ingress=("base-isolated",))
+    client = Endpoint("node-1", "s", "client", ("10.244.0.11",), (), (),
+                      admin_egress=("accept-sctp",), baseline_ingress=("base-open",))
+    model = node_model([server, client], [isolating], [FRONTEND])
+    return dataclasses.replace(model, cluster_policies={c.name: c for c in cnps})
+
+
+def test_cluster_policies_with_sctp_ports_are_listed_by_the_name_status_looks_up() -> None:
+    assert unenforceable(cnp_world(), NO_SCTP) == [
+        ("/accept-sctp", SCTP_PORT_MATCH), ("/base-open", SCTP_PORT_MATCH), ("/deny-sctp", SCTP_PORT_MATCH)]
+    assert unenforceable(cnp_world(), Features(ipv6=False)) == []
+    assert cluster_policy_id("deny-sctp") == "/deny-sctp"
+
+
+def test_the_report_names_a_cluster_policy_as_its_status_aggregation_does() -> None:
+    """status/aggregate.py looks a policy up as ``<namespace>/<name>``; a cluster policy's namespace is ""."""
+    report = NodeReport.from_json({"appliedRevision": 1, "unenforceable": [
+        {"policy": p, "feature": f} for p, f in unenforceable(cnp_world(), NO_SCTP)]}, "node-1")
+    facts = PolicyFacts("", "deny-sctp", 1, frozenset({"node-1"}), 1, 1)
+    assert unenforceable_warnings(f"{facts.namespace}/{facts.name}", facts.required_nodes, {"node-1": report}) == [
+        f"node node-1 cannot enforce {SCTP_PORT_MATCH}: its Accept and Pass rules there match nothing, "
+        "its Deny rules deny any such port"]
+    # a NetworkPolicy's rules only ever allow: they match nothing
+    assert unenforceable_warnings("ns/p", ["node-1"], {"node-1": NodeReport.from_json({"appliedRevision": 1,
+        "unenforceable": [{"policy": "ns/p", "feature": SCTP_PORT_MATCH}]}, "node-1")}) == [
+        f"node node-1 cannot enforce {SCTP_PORT_MATCH}: those rules match nothing there (deny)"]

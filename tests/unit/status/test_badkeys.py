@@ -16,9 +16,10 @@ PolicyKey = tuple[str, str]
 
 
 class Lookup:
-    """A fixed model: set p1 is referenced by ns/a and ns/b, set n2 by ns/c; pod ns/web is selected by ns/a."""
+    """A fixed model: set p1 is referenced by ns/a, ns/b and the cluster policy cnp, set n2 by ns/c;
+    pod ns/web is selected by ns/a."""
 
-    sets: dict[str, set[PolicyKey]] = {"p1": {("ns", "a"), ("ns", "b")}, "n2": {("ns", "c")}}
+    sets: dict[str, set[PolicyKey]] = {"p1": {("ns", "a"), ("ns", "b"), ("", "cnp")}, "n2": {("ns", "c")}}
     pods: dict[PolicyKey, set[PolicyKey]] = {("ns", "web"): {("ns", "a")}}
 
     def set_policies(self, set_id: str) -> Iterable[PolicyKey]:
@@ -35,13 +36,16 @@ MAPPING = [
     ("policies/ns/", set()),
     ("policies//a", set()),
     ("policies/ns/a/extra", set()),
-    ("sets/p1", {("ns", "a"), ("ns", "b")}),
+    ("cpolicies/deny-all", {("", "deny-all")}),  # a ClusterNetworkPolicy: ("", name) as everywhere
+    ("cpolicies/", set()),
+    ("cpolicies/a/b", set()),
+    ("sets/p1", {("ns", "a"), ("ns", "b"), ("", "cnp")}),
     ("sets/n2", {("ns", "c")}),
     ("sets/unknown", set()),
     ("sets/", set()),
     ("sets/p1/0", set()),  # schema 1 sets have no chunks
-    ("sets2/p1", {("ns", "a"), ("ns", "b")}),
-    ("sets2/p1/0", {("ns", "a"), ("ns", "b")}),
+    ("sets2/p1", {("ns", "a"), ("ns", "b"), ("", "cnp")}),
+    ("sets2/p1/0", {("ns", "a"), ("ns", "b"), ("", "cnp")}),
     ("sets2/n2/15", {("ns", "c")}),
     ("sets2/p1/x", set()),
     ("sets2/p1/0/1", set()),
@@ -80,6 +84,7 @@ def test_hits_are_grouped_by_policy_in_node_order() -> None:
     assert bad_key_hits(reports, Lookup()) == {
         ("ns", "a"): [BadKeyHit("n1", "policies/ns/a", "foreign write"), BadKeyHit("n2", "sets2/p1/0", "not JSON")],
         ("ns", "b"): [BadKeyHit("n2", "sets2/p1/0", "not JSON")],
+        ("", "cnp"): [BadKeyHit("n2", "sets2/p1/0", "not JSON")],
     }
 
 
@@ -110,3 +115,27 @@ def test_the_model_engine_answers_the_lookups() -> None:
     engine.remove_policy("ns", "a")
     assert affected_policies("endpoints/node-0/ns/web", engine) == set()
     assert affected_policies(set_key(sets[0]), engine) == {("ns", "b")}
+
+
+def test_the_model_engine_answers_the_lookups_for_cluster_policies() -> None:
+    from netfence.model.cluster_policy import cluster_policy_from_k8s
+
+    engine = ModelEngine()
+    engine.set_namespace(namespace_from_k8s({"metadata": {"name": "ns", "labels": {}}}))
+    engine.set_pod(pod_from_k8s({
+        "metadata": {"namespace": "ns", "name": "web", "labels": {"app": "web"}},
+        "spec": {"nodeName": "node-0"}, "status": {"podIP": "10.0.0.1", "phase": "Running"},
+    }))
+    engine.set_cluster_policy(cluster_policy_from_k8s({
+        "metadata": {"name": "deny-x"},
+        "spec": {"tier": "Admin", "priority": 1,
+                 "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "web"}}}},
+                 "ingress": [{"action": "Deny", "from": [{"pods": {"namespaceSelector": {},
+                                                                    "podSelector": {"matchLabels": {"role": "x"}}}}]}]},
+    }))
+    engine.drain_changes()
+    sets = [key.removeprefix("sets/") for key in engine.desired() if key.startswith("sets/")]
+    assert len(sets) == 1
+    assert affected_policies(set_key(sets[0]), engine) == {("", "deny-x")}
+    assert affected_policies("endpoints/node-0/ns/web", engine) == {("", "deny-x")}
+    assert affected_policies("cpolicies/deny-x", engine) == {("", "deny-x")}

@@ -60,3 +60,22 @@ async def test_cluster_policy_status_follows_its_nodes_and_warns_on_unsupported_
     writer.policies_removed([("", "deny-nodes")])
     await writer.flush()
     assert "cnp.deny-nodes" not in kube.objects
+
+
+async def test_a_bad_key_of_a_cluster_policy_degrades_its_status() -> None:
+    writer, kube, world = setup()
+    world.apply("pods", "ADDED", pod("ns", "web", {"app": "web"}, "n1", "10.244.1.10", 20))
+    world.apply("clusternetworkpolicies", "ADDED", cnp("deny-web", 30, [
+        {"action": "Deny", "to": [{"networks": ["10.0.0.0/8"]}]},
+    ]))
+    writer.mark_all()
+    revision = max(writer.key_revisions.values(), default=0)
+    writer.set_report("n1", NodeReport.from_json({"appliedRevision": revision, "badKeys": [
+        {"key": "cpolicies/deny-web", "reason": "not JSON; the rules already in the kernel for it are kept"}]}, "n1"))
+    await writer.flush()
+    assert phase(kube, "cnp.deny-web") == "Degraded"
+    degraded = next(c for c in kube.objects["cnp.deny-web"]["status"]["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "BadKey" and "n1: cpolicies/deny-web (not JSON" in degraded["message"]
+    writer.set_report("n1", NodeReport.from_json({"appliedRevision": revision}, "n1"))
+    await writer.flush()
+    assert phase(kube, "cnp.deny-web") == "Enforced"

@@ -77,6 +77,7 @@ def inputs(draw: st.DrawFn) -> tuple[PolicyFacts, dict[str, NodeReport]]:
         warnings=tuple(draw(st.lists(texts, max_size=100))),  # above the 64 listed
         bad_keys=tuple(hits),
         object_generation=draw(big_ints),
+        hides=draw(st.sampled_from(["", f"cnp/{name}"])),  # a NetworkPolicy whose status object it takes
     )
     return facts, reports
 
