@@ -11,7 +11,7 @@ setup:
 
 ## test: everything CI runs: lint, type check, unit, integration and conformance tests
 test: setup lint
-	$(VENV)/pytest -q -p no:cacheprovider tests
+	$(VENV)/pytest -q -p no:cacheprovider --durations=15 tests
 
 lint: setup
 	$(VENV)/ruff check operator lab tests bench hack
