@@ -184,7 +184,8 @@ def build_registry(config: ControllerConfig, metrics: ControllerMetrics | None =
     # ClusterNetworkPolicy (optional CRD, served version preferred by the API server). Without
     # the CRD, Kopf logs once that the resource is unresolved and never calls this handler; the
     # runtime's own listings of the kind find nothing (controller/kube.py). Scanning is disabled,
-    # so a CRD installed later is watched after a controller restart.
+    # so a CRD installed later is watched after a controller restart (until then the runtime
+    # lists the kind every 10 s once a listing found it: ControllerRuntime._note_cluster_policy_crd).
     @kopf.on.event(CNP_GROUP, CNP_PLURAL, registry=registry)
     async def cluster_policy_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
         runtime = _runtime(memo)

@@ -93,6 +93,8 @@ class KubeApi:
         self.core = client.CoreV1Api(api_client)
         self.networking = client.NetworkingV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        # Whether the last listing of ClusterNetworkPolicies found the CRD (None: not listed yet).
+        self.cluster_policies_served: bool | None = None
 
     @classmethod
     async def connect(cls, kubeconfig: Path | None) -> KubeApi:
@@ -155,13 +157,17 @@ class KubeApi:
         """ClusterNetworkPolicies at the first API version served; none when the CRD is not installed."""
         for version in CNP_VERSIONS:
             try:
-                return await self._list_snapshot(
+                listing = await self._list_snapshot(
                     self.custom.list_cluster_custom_object, group=CNP_GROUP, version=version, plural=CNP_PLURAL
                 )
             except ApiException as exc:
                 if exc.status != 404:
                     raise
+            else:
+                self.cluster_policies_served = True
+                return listing
         log.debug("no ClusterNetworkPolicy CRD (%s, versions %s): nothing to list", CNP_GROUP, CNP_VERSIONS)
+        self.cluster_policies_served = False
         return KindListing()
 
     async def list_world(self) -> Listing:

@@ -56,6 +56,11 @@ class ControllerRuntime:
     relists: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)  # /metrics (controller/metrics.py)
     relister: KindRelister = field(init=False)
+    # Whether the ClusterNetworkPolicy CRD was served when this controller started (Kopf's watches
+    # are fixed then: a CRD installed later is only polled, see _note_cluster_policy_crd).
+    cluster_policies_at_start: bool | None = None
+    late_crd_poll_seconds: float = 10.0
+    _late_crd_poll: asyncio.Task[None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         # ClusterPolicyStatus is not compiled: a re-list of it makes the status writer
@@ -119,6 +124,8 @@ class ControllerRuntime:
     async def relist(self, kind: str) -> MergeResult:
         """List one kind and merge it: what is gone is removed, nothing newer is lost or undone."""
         listing = await self.kube.list_kind(kind)
+        if kind == CLUSTER_POLICIES:
+            self._note_cluster_policy_crd()
         result = self.world.merge_listing(kind, listing.items, listing.resource_version)
         self.relists[kind] += 1
         if result.stale:
@@ -137,6 +144,28 @@ class ControllerRuntime:
         if kind in ("networkpolicies", CLUSTER_POLICIES) and result.removed:
             self.policies_removed(result.removed)
         return result
+
+    def _note_cluster_policy_crd(self) -> None:
+        """The ClusterNetworkPolicy CRD appeared after start-up: Kopf does not watch the kind (its
+        watches are set when it starts; scanning is off), so say so once and list the kind every
+        ``late_crd_poll_seconds`` until the controller restarts (changes then take that long)."""
+        served = getattr(self.kube, "cluster_policies_served", None)
+        if served is None:
+            return
+        if self.cluster_policies_at_start is None:
+            self.cluster_policies_at_start = served
+            return
+        if served and not self.cluster_policies_at_start and self._late_crd_poll is None:
+            log.warning("the ClusterNetworkPolicy CRD was installed after this controller started: its objects "
+                        "are listed every %.0f s instead of watched until the controller restarts "
+                        "(kubectl rollout restart deployment of the controller)", self.late_crd_poll_seconds)
+            self._late_crd_poll = asyncio.create_task(self._poll_cluster_policies(), name="cluster-policy-poll")
+            self.tasks.append(self._late_crd_poll)
+
+    async def _poll_cluster_policies(self) -> None:
+        while True:
+            await asyncio.sleep(self.late_crd_poll_seconds)
+            self.relister.request(CLUSTER_POLICIES, "CRD installed after start")
 
     def policies_removed(self, keys: Iterable[tuple[str, str]]) -> None:
         """NetworkPolicies are gone (delete event or listing): their ClusterPolicyStatus objects go

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ def policy(name: str, rv: int) -> dict[str, Any]:
 class FakeKube:
     listings: dict[str, KindListing] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    cluster_policies_served: bool | None = None
 
     async def list_kind(self, kind: str) -> KindListing:
         self.calls.append(kind)
@@ -99,3 +101,50 @@ async def test_jobs_per_kind() -> None:
     kube.calls.clear()
     await rt.full_resync()
     assert kube.calls == ["pods", "namespaces", "networkpolicies", "nodes", "clusternetworkpolicies"]
+
+
+async def test_a_cluster_policy_crd_installed_after_start_is_polled() -> None:
+    """Kopf's watches are fixed at start: a ClusterNetworkPolicy CRD that appears later is
+    listed every ``late_crd_poll_seconds`` (and said once), its objects merged like any listing."""
+    rt, kube, _, _ = runtime()
+    rt.late_crd_poll_seconds = 0.01
+    kube.cluster_policies_served = False
+    await rt.relist("clusternetworkpolicies")  # start-up: no CRD
+    assert rt.cluster_policies_at_start is False and rt.tasks == []
+    kube.cluster_policies_served = True  # installed meanwhile
+    kube.listings["clusternetworkpolicies"] = KindListing([{
+        "metadata": {"name": "deny", "resourceVersion": "7", "uid": "u", "generation": 1},
+        "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {}},
+                 "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]},
+    }], 7)
+    relists = asyncio.create_task(rt.relister.run())
+    try:
+        await rt.relist("clusternetworkpolicies")  # e.g. the periodic one
+        assert ("", "deny") in rt.world.policies
+        [poll] = rt.tasks
+        await rt.relist("clusternetworkpolicies")
+        assert rt.tasks == [poll]  # one poll, said once
+        before = kube.calls.count("clusternetworkpolicies")
+        polled = asyncio.Event()
+        listing = kube.list_kind
+
+        async def counted(kind: str) -> KindListing:  # the poll's requests make the relister list the kind
+            out = await listing(kind)
+            if kube.calls.count("clusternetworkpolicies") >= before + 2:
+                polled.set()
+            return out
+
+        kube.list_kind = counted  # type: ignore[method-assign]
+        await asyncio.wait_for(polled.wait(), 10)
+    finally:
+        for task in [*rt.tasks, relists]:
+            task.cancel()
+        await asyncio.gather(*rt.tasks, relists, return_exceptions=True)
+
+
+async def test_a_cluster_policy_crd_served_at_start_is_not_polled() -> None:
+    rt, kube, _, _ = runtime()
+    kube.cluster_policies_served = True
+    await rt.relist("clusternetworkpolicies")
+    await rt.relist("clusternetworkpolicies")
+    assert rt.cluster_policies_at_start is True and rt.tasks == []
