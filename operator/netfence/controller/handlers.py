@@ -137,13 +137,16 @@ def build_registry(config: ControllerConfig, metrics: ControllerMetrics | None =
     # restart or a long disconnect, watch errors). A re-list reports only objects that exist,
     # so deletions in the gap would be lost: every such burst makes the runtime reconcile the
     # kind against a listing of its own (kopf/_cogs/clients/watching.py: continuous_watch).
-    def _feed(memo: Any, kind: str, event_type: str | None, body: Any) -> None:
+    def _feed(memo: Any, kind: str, event_type: str | None, body: Any) -> bool:
+        """Apply one event to the world; False when it was stale or a repeat."""
         runtime = _runtime(memo)
         if event_type is None:
             runtime.watch_listed(kind)
-        if runtime.world.apply(kind, event_type, dict(body)):
-            runtime.metrics.api_event()
-            runtime.syncer.notify()
+        if not runtime.world.apply(kind, event_type, dict(body)):
+            return False
+        runtime.metrics.api_event()
+        runtime.syncer.notify()
+        return True
 
     @kopf.on.event("", "v1", "pods", registry=registry)
     async def pod_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
@@ -157,29 +160,36 @@ def build_registry(config: ControllerConfig, metrics: ControllerMetrics | None =
     async def node_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
         _feed(memo, "nodes", type, body)
 
-    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", registry=registry)
-    async def policy_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+    def _policy_event(memo: Any, kind: str, key: tuple[str, str], event_type: str | None, body: Any,
+                      invalid: str) -> None:
+        """A NetworkPolicy or ClusterNetworkPolicy event: the world, its status, its warning Event."""
         runtime = _runtime(memo)
-        _feed(memo, "networkpolicies", type, body)
-        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        if type == "DELETED":
+        changed = _feed(memo, kind, event_type, body)
+        if event_type == "DELETED":
             # Not when the event was stale and a newer policy of that name exists.
-            if (ns, name) not in runtime.world.policies:
-                runtime.policies_removed([(ns, name)])
+            if key not in runtime.world.policies:
+                runtime.policies_removed([key])
             return
-        if (ns, name) not in runtime.world.policies:
+        if key not in runtime.world.policies:
             return  # a stale event of a policy already gone
-        runtime.status.mark({(ns, name)})
+        if not changed and key in runtime.warnings_posted:
+            return  # a repeat (Kopf's listing after a (re)connect): its status and warnings are current
+        runtime.status.mark({key})
         if not runtime.election.is_leader:
             return
-        view = runtime.engine.policy_view(ns, name)
+        view = runtime.engine.policy_view(*key)
         warnings = tuple(view.warnings) if view else ()
-        error = runtime.world.policy_errors.get((ns, name))
+        error = runtime.world.policy_errors.get(key)
         if error:
-            warnings = (f"invalid policy: {error}", *warnings)
-        if warnings and runtime.warnings_posted.get((ns, name)) != warnings:
+            warnings = (f"{invalid}: {error}", *warnings)
+        if warnings and runtime.warnings_posted.get(key) != warnings:
             kopf.warn(body, reason="NetfencePolicyWarning", message="; ".join(warnings)[:1000])
-        runtime.warnings_posted[(ns, name)] = warnings
+        runtime.warnings_posted[key] = warnings
+
+    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", registry=registry)
+    async def policy_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        _policy_event(memo, "networkpolicies", key, type, body, "invalid policy")
 
     # ClusterNetworkPolicy (optional CRD, served version preferred by the API server). Without
     # the CRD, Kopf logs once that the resource is unresolved and never calls this handler; the
@@ -188,26 +198,7 @@ def build_registry(config: ControllerConfig, metrics: ControllerMetrics | None =
     # lists the kind every 10 s once a listing found it: ControllerRuntime._note_cluster_policy_crd).
     @kopf.on.event(CNP_GROUP, CNP_PLURAL, registry=registry)
     async def cluster_policy_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
-        runtime = _runtime(memo)
-        _feed(memo, CLUSTER_POLICIES, type, body)
-        key = ("", body["metadata"]["name"])
-        if type == "DELETED":
-            if key not in runtime.world.policies:
-                runtime.policies_removed([key])
-            return
-        if key not in runtime.world.policies:
-            return
-        runtime.status.mark({key})
-        if not runtime.election.is_leader:
-            return
-        view = runtime.engine.policy_view(*key)
-        warnings = tuple(view.warnings) if view else ()
-        error = runtime.world.policy_errors.get(key)
-        if error:
-            warnings = (f"cannot be enforced: {error}", *warnings)
-        if warnings and runtime.warnings_posted.get(key) != warnings:
-            kopf.warn(body, reason="NetfencePolicyWarning", message="; ".join(warnings)[:1000])
-        runtime.warnings_posted[key] = warnings
+        _policy_event(memo, CLUSTER_POLICIES, ("", body["metadata"]["name"]), type, body, "cannot be enforced")
 
     @kopf.on.event(CPS_GROUP, CPS_VERSION, CPS_PLURAL, registry=registry)
     async def status_event(memo: kopf.Memo, type: str | None, body: kopf.Body, **_: Any) -> None:
