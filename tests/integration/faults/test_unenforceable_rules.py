@@ -125,6 +125,19 @@ def warning(status: dict[str, Any]) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c.get("type") == "Warning"), None)
 
 
+async def warned_about(env: Any, status_name: str, node: str) -> dict[str, Any]:
+    """The status object's Warning condition once it names ``node`` and the feature."""
+
+    async def warned() -> dict[str, Any] | None:
+        cond = warning((await cps(env, status_name)).get("status") or {})
+        text = json.dumps(cond or {})
+        return cond if cond and cond.get("status") == "True" and node in text and FEATURE in text else None
+
+    condition: dict[str, Any] = await eventually(warned, timeout=20, what="a Warning naming the node and the feature")
+    print(f"\nWarning condition: {condition}")
+    return condition
+
+
 async def test_sctp_port_rule_without_kernel_support_is_denied_reported_and_warned(world: World) -> None:
     env, ns = world.env, world.ns
     node0, node1 = env.agents[0].node, env.agents[1].node
@@ -158,15 +171,7 @@ async def test_sctp_port_rule_without_kernel_support_is_denied_reported_and_warn
                                           world.good.ip, 3)
         assert arrived == 3, "the raw SCTP method must see allowed packets"
 
-        # The status names the node and the feature.
-        async def warned() -> dict[str, Any] | None:
-            status = (await cps(env, f"{ns}.web-sctp-80")).get("status") or {}
-            cond = warning(status)
-            text = json.dumps(cond or {})
-            return cond if cond and cond.get("status") == "True" and node0 in text and FEATURE in text else None
-
-        condition = await eventually(warned, timeout=20, what="a Warning naming the node and the feature")
-        print(f"\nWarning condition: {condition}")
+        await warned_about(env, f"{ns}.web-sctp-80", node0)  # the status names the node and the feature
         mark = probes.snapshot()
         await eventually(lambda: _probed(probes, 3, mark), what="probes after the checks")
     tally = probes.snapshot()
@@ -218,15 +223,7 @@ async def test_sctp_port_deny_of_a_cluster_policy_denies_any_sctp_port_reported_
         # ... and nothing else: TCP from bad to good is still allowed (good-from-ns).
         assert world.prober.exchange(Probe(world.bad.netns, world.good.ip, PORT), 3.0) is not None
 
-        # The cluster policy's status names the node and the feature.
-        async def warned() -> dict[str, Any] | None:
-            status = (await cps(env, f"cnp.{name}")).get("status") or {}
-            cond = warning(status)
-            text = json.dumps(cond or {})
-            return cond if cond and cond.get("status") == "True" and node1 in text and FEATURE in text else None
-
-        condition = await eventually(warned, timeout=20, what="a Warning naming the node and the feature")
-        print(f"\nWarning condition: {condition}")
+        await warned_about(env, f"cnp.{name}", node1)  # the cluster policy's status names node and feature
         mark = probes.snapshot()
         await eventually(lambda: _probed(probes, 3, mark), what="probes after the checks")
     tally = probes.snapshot()
