@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from netfence.dataplane.members import SET_TYPE, family_members
-from netfence.dataplane.names import Direction, endpoint_chain, policy_chain, set_name
+from netfence.dataplane.names import DIRECTIONS, Direction, endpoint_chain, policy_chain, set_name
 from netfence.dataplane.pins import Pinned
 from netfence.dataplane.render import (
     _SET_REF,
-    DIRECTIONS,
     ESTABLISHED_RETURN,
     Features,
     _FamilyRenderer,

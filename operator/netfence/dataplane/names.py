@@ -9,6 +9,7 @@ from typing import Literal
 from netfence.dataplane.ruleset import Family
 
 Direction = Literal["ingress", "egress"]
+DIRECTIONS: tuple[Direction, ...] = ("ingress", "egress")
 
 #: iptables chain names are limited to 28 characters (XT_EXTENSION_MAXNAMELEN is 29 incl. NUL).
 MAX_CHAIN_NAME = 28

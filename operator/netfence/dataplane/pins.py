@@ -36,6 +36,7 @@ from netfence.dataplane.names import Direction, endpoint_chain, policy_chain, se
 from netfence.dataplane.render_tiers import cluster_chain
 from netfence.dataplane.ruleset import (
     FROM_WL_CHAIN,
+    JUMP_TARGET,
     TO_WL_CHAIN,
     Family,
     IpSet,
@@ -48,7 +49,6 @@ PinKind = Literal["policy", "cluster_policy", "set", "endpoint"]
 PinKey = tuple[PinKind, str]
 
 _SET_REF = re.compile(r"--match-set (\S+) ")
-_TARGET = re.compile(r"-[jg] (\S+)")
 _DISPATCH: tuple[tuple[Direction, str], ...] = (("ingress", TO_WL_CHAIN), ("egress", FROM_WL_CHAIN))
 _KIND_OF_TYPE: dict[SetType, SetKind] = {"hash:ip": "pods", "hash:net": "net", "hash:ip,port": "ports"}
 
@@ -133,13 +133,13 @@ def carry(kernel: KernelState, key: PinKey, families: Iterable[Family]) -> Pinne
 
 def _add_targets(carried: dict[str, tuple[str, ...]], available: dict[str, tuple[str, ...]]) -> None:
     """Add the chains ``carried`` rules jump to (transitively), as the kernel holds them."""
-    todo = [t for rules in carried.values() for r in rules for t in _TARGET.findall(r)]
+    todo = [t for rules in carried.values() for r in rules for t in JUMP_TARGET.findall(r)]
     while todo:
         target = todo.pop()
         if target in carried or not is_owned_chain(target) or target not in available:
             continue
         carried[target] = available[target]
-        todo += [t for r in available[target] for t in _TARGET.findall(r)]
+        todo += [t for r in available[target] for t in JUMP_TARGET.findall(r)]
 
 
 @dataclass

@@ -17,13 +17,14 @@ from typing import Any
 
 from netfence.dataplane import render_tiers
 from netfence.dataplane.members import SET_TYPE, family_members
-from netfence.dataplane.names import Direction, endpoint_chain, policy_chain, set_name
+from netfence.dataplane.names import DIRECTIONS, Direction, endpoint_chain, policy_chain, set_name
 from netfence.dataplane.pins import Pinned, set_kind
 from netfence.dataplane.ruleset import (
     ACCEPT_MARK,
     FAMILIES,
     FORWARD_CHAIN,
     FROM_WL_CHAIN,
+    JUMP_TARGET,
     SET_FAMILY,
     TO_WL_CHAIN,
     Family,
@@ -51,8 +52,6 @@ _MULTIPORT_SLOTS = 15  # xt_multiport: 15 ports, a range takes two
 _COMMENT_SAFE = re.compile(r"[^ A-Za-z0-9._/:-]")
 _PROTOS = ("tcp", "udp", "sctp")
 _SET_REF = re.compile(r"--match-set (\S+) ")
-_TARGET = re.compile(r"-[jg] (\S+)")
-DIRECTIONS: tuple[Direction, ...] = ("ingress", "egress")
 #: Feature ids (reported in a node report's ``unenforceable``) -> the Features field.
 SCTP_PORT_MATCH = "sctp-port-match"
 FEATURE_FIELDS: dict[str, str] = {SCTP_PORT_MATCH: "sctp_port_match"}
@@ -393,7 +392,7 @@ class _FamilyRenderer:
 
     def _add_jump_targets(self, out: dict[str, tuple[str, ...]]) -> None:
         """Add the chains that pinned rules jump to but were not rendered (from the kernel, or empty)."""
-        todo = [t for rules in out.values() for r in rules for t in _TARGET.findall(r)]
+        todo = [t for rules in out.values() for r in rules for t in JUMP_TARGET.findall(r)]
         while todo:
             target = todo.pop()
             if target in out or not is_owned_chain(target):
@@ -407,7 +406,7 @@ class _FamilyRenderer:
             else:
                 continue  # pins always carry the chains their rules need
             out[target] = rules
-            todo += [t for r in rules for t in _TARGET.findall(r)]
+            todo += [t for r in rules for t in JUMP_TARGET.findall(r)]
 
     def _render_target(self, target: str) -> None:
         """Render ``target`` if the model has it: a pinned endpoint jumps to a policy (or cluster

@@ -45,7 +45,7 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
-from netfence.dataplane.names import Direction, _digest
+from netfence.dataplane.names import DIRECTIONS, Direction, _digest
 from netfence.dataplane.names import endpoint_chain as endpoint_chain_name
 from netfence.dataplane.ruleset import ACCEPT_MARK
 from netfence.model.enforcement import CompiledClusterPolicy, CompiledClusterRule, CompiledPort, CompiledRule, Endpoint
@@ -71,8 +71,6 @@ RETURN_IF_ACCEPTED = f"-m mark --mark {ACCEPT_MARK:#x}/{ACCEPT_MARK:#x} -j RETUR
 #: The fixed chains the rule targets go to, and their one rule.
 FIXED_CHAINS: dict[str, tuple[str, ...]] = {CNP_ACCEPT_CHAIN: (_MARK_ACCEPT,), CNP_PASS_CHAIN: (_MARK_PASS,)}
 _COMMENT_SAFE = re.compile(r"[^ A-Za-z0-9._/:-]")
-_TARGET = re.compile(r"-[jg] (\S+)")
-_DIRECTIONS: tuple[Direction, ...] = ("ingress", "egress")
 
 
 def _comment(text: str) -> str:  # the spelling of render._comment (iptables-save prints it back so)
@@ -134,24 +132,17 @@ def _policy_chain(r: _FamilyRenderer, direction: Direction, policy: CompiledClus
     return name if r.chains[name] else None
 
 
-def fixed_targets(lines: tuple[str, ...]) -> list[str]:
-    """The fixed chains (``FIXED_CHAINS``) that ``lines`` go to, in order."""
-    return [t for t in dict.fromkeys(_TARGET.findall("\n".join(lines))) if t in FIXED_CHAINS]
-
-
 def _pinned_chain(r: _FamilyRenderer, direction: Direction, name: str) -> str | None:
     """The kernel's chain of cluster policy ``name`` (no good value: dataplane/pins.py), if pinned.
 
-    It is carried over verbatim; the fixed chains its rules go to are rendered
-    from ``FIXED_CHAINS`` (so they exist even when no rendered rule uses them).
+    It is carried over verbatim; the fixed chains its rules go to are rendered from
+    ``FIXED_CHAINS`` like every chain pinned rules jump to (render.py ``_add_jump_targets``).
     """
     chain = cluster_chain(direction, name)
     pinned = r.pinned_chains.get(chain)
     if pinned is None:
         return None
     r.chains[chain] = pinned
-    for target in fixed_targets(pinned):
-        r.chains[target] = FIXED_CHAINS[target]
     return chain
 
 
@@ -159,7 +150,7 @@ def render_target(r: _FamilyRenderer, target: str) -> None:
     """Render chain ``target`` (``nf-ci-``/``nf-co-``) if it is the chain of a cluster policy of
     the model: pinned rules (a pinned endpoint's chain) jump to it."""
     for policy in r.model.cluster_policies.values():
-        for direction in _DIRECTIONS:
+        for direction in DIRECTIONS:
             if cluster_chain(direction, policy.name) == target:
                 _policy_chain(r, direction, policy)
                 return

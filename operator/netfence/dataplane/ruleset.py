@@ -9,6 +9,7 @@ of a chain can be compared with the rendered one as plain strings.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,6 +34,10 @@ ACCEPT_MARK = 0x10000
 SET_MAXELEM = 1 << 20
 
 SET_FAMILY: dict[Family, SetFamily] = {"v4": "inet", "v6": "inet6"}
+
+
+#: The chain a rule jumps (``-j``) or goes (``-g``) to: group 1 (a target such as DROP too).
+JUMP_TARGET = re.compile(r"-[jg] (\S+)")
 
 
 def is_owned_chain(name: str) -> bool:
