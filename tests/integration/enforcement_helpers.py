@@ -33,6 +33,7 @@ from tests.integration.helpers import eventually, open_store
 
 from netfence.dataplane.names import endpoint_chain, policy_chain
 from netfence.store.etcd import EtcdStore
+from netfence.store.types import Reports
 from netfence_lab.env import NetfenceEnv
 from netfence_lab.kubelet import PodHandle
 from netfence_lab.probe import Probe, Prober
@@ -355,6 +356,15 @@ async def agent_health(env: NetfenceEnv, index: int, path: str = "/healthz") -> 
 
 async def store_of(env: NetfenceEnv) -> EtcdStore:
     return await open_store(env.cluster.netfence_etcd.endpoint, env.prefix)
+
+
+async def node_reports(env: NetfenceEnv) -> Reports:
+    """Every node report as stored now."""
+    store = await store_of(env)
+    try:
+        return await store.read_reports()
+    finally:
+        await store.close()
 
 
 async def report_revision(env: NetfenceEnv, node: str) -> int:

@@ -273,8 +273,7 @@ async def test_a_cluster_policy_owns_the_status_name_a_network_policy_also_wants
     """ClusterNetworkPolicy ``clash`` and NetworkPolicy ``cnp/clash`` both want ``cnp.clash``: the
     cluster policy takes the NetworkPolicy's object over (not deleted, not recreated), warns, and
     nothing flips between them; when it goes, the NetworkPolicy gets its status back."""
-    if cluster_network_policy_crd() is None:
-        pytest.skip("the test bed has no ClusterNetworkPolicy CRD (hack/build-tools.sh fetches it)")
+    assert cluster_network_policy_crd() is not None, "hack/build-tools.sh fetches the ClusterNetworkPolicy CRD"
     assert env.api is not None
     name, hidden = "cnp.clash", "cnp/clash"
     await env.ensure_namespace("cnp", {})

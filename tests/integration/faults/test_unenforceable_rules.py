@@ -47,8 +47,8 @@ from tests.integration.enforcement_helpers import (
     drop_packets,
     manifest,
     namespace_of_test,
+    node_reports,
     running_world,
-    store_of,
 )
 from tests.integration.helpers import eventually
 
@@ -149,11 +149,7 @@ async def test_sctp_port_rule_without_kernel_support_is_denied_reported_and_warn
         await env.wait_enforced(marks, timeout=60)
 
         # The node that enforces it says the rule is unenforceable; the other node has nothing to say.
-        store = await store_of(env)
-        try:
-            reports = await store.read_reports()
-        finally:
-            await store.close()
+        reports = await node_reports(env)
         assert reports[node0]["unenforceable"] == [{"policy": f"{ns}/web-sctp-80", "feature": FEATURE}]
         assert reports[node0]["unenforceableTotal"] == 1
         assert reports[node1]["unenforceable"] == []
@@ -204,11 +200,7 @@ async def test_sctp_port_deny_of_a_cluster_policy_denies_any_sctp_port_reported_
         await env.wait_enforced(marks, timeout=60)
 
         # The node that enforces it (good's) says it is unenforceable, by the name status looks up.
-        store = await store_of(env)
-        try:
-            reports = await store.read_reports()
-        finally:
-            await store.close()
+        reports = await node_reports(env)
         assert reports[node1]["unenforceable"] == [{"policy": f"/{name}", "feature": FEATURE}]
         assert reports[node0]["unenforceable"] == []
 
